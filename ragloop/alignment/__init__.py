@@ -1,0 +1,1 @@
+"""alignment layer (see ARCHITECTURE.md)."""
