@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol, Union, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ragloop.core.errors import UsageError
 from ragloop.core.trace import Message
 
-ChatMessages = Sequence[Union[Message, dict[str, str]]]
-Prompt = Union[str, ChatMessages]
+ChatMessages = Sequence[Message | dict[str, str]]
+Prompt = str | ChatMessages
 
 FinishReason = Literal["stop", "length", "eos"]
 
@@ -83,6 +83,9 @@ class Generation:
     finish_reason: FinishReason
     logprobs: list[float] | None = None  # one per token in token_ids (natural log)
     prompt_tokens: int = 0
+    # log softmax(logits / temperature) of each token (temperature 1 when greedy): PPO's rollout log-prob.
+    # ``logprobs`` above are under the raw model distribution (temperature 1). Neither includes top-k/top-p.
+    scaled_logprobs: list[float] | None = None
 
     @property
     def num_tokens(self) -> int:
