@@ -279,3 +279,19 @@ def export_policy(model: Any, tokenizer: Any, out_dir: str | Path, *, name: str,
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return out
+
+
+def run_manifest(config: dict[str, Any], *, seed: int, data: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a run was: its config, seed, library versions and the sha256 of its data."""
+    import platform
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for pkg in ("ragloop", "torch", "transformers", "peft", "accelerate", "safetensors"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": config, "seed": seed,
+            "versions": versions, "data": data or {}}
