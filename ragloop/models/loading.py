@@ -33,6 +33,8 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -363,6 +365,20 @@ def resolve_dtype(dtype: Any) -> Any:
     raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No "Loading weights" progress bar for a load that takes a second (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _hf_dir_for(source: ModelSource, cache_root: Path | None) -> Path:
     if source.kind == "gguf":
         return ensure_converted(source, cache_root)
@@ -405,9 +421,10 @@ def load_model_and_tokenizer(
     for attempt in (1, 2):
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch_dtype, local_files_only=True, trust_remote_code=False
-            )
+            with _quiet_progress():
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path), dtype=torch_dtype, local_files_only=True, trust_remote_code=False
+                )
             break
         except Exception as e:
             if source.kind == "gguf" and attempt == 1:
