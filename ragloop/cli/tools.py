@@ -1,0 +1,168 @@
+"""``ragloop sandbox | score``: run a program through the code sandbox, and score outputs with a metric.
+
+Thin commands: parse, call one library function, print. ``sandbox`` exits 0 when the program ran, 1 when
+it failed (any sandbox error type), 2 on usage errors. Program output is untrusted text: control
+characters are escaped before they reach the terminal (the ``--json`` line is JSON-escaped anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ragloop.core.errors import RagloopError, UsageError
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _safe(text: str) -> str:
+    """``_safe("a\\x1b[2J") -> "a\\\\x1b[2J"``: no escape sequence from a program reaches the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class ProgramFailed(RagloopError):
+    """The sandboxed program did not produce a value (its result line says why); exit code 1."""
+
+    exit_code = 1
+
+
+def _read_text(path: str, what: str) -> str:
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        name = "<stdin>"
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise UsageError(f"{what} file not found: {path}", hint="check the path")
+        if not p.is_file():
+            raise UsageError(f"{what} is not a regular file: {path}")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read {what} file {path}: {e.strerror}") from e
+        name = path
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UsageError(
+            f"{name} is not valid UTF-8 (line {line}, byte {e.start})", hint="convert the file to UTF-8"
+        ) from e
+
+
+def sandbox_cmd(
+    program: str = typer.Argument(..., help="Python file to run ('-' reads stdin)."),
+    json_out: bool = typer.Option(
+        False, "--json", help='Print one JSON line: {"ok": true, "value": ...} or the error.'
+    ),
+    entry: str = typer.Option(
+        "solution", "--entry", help="Function to call; its return value is the result."
+    ),
+    module: bool = typer.Option(
+        False, "--module", help="Run the file as a module; the result is the variable `answer`."
+    ),
+    timeout: float = typer.Option(
+        5.0, "--timeout", help="Wall-clock limit in seconds (also sets the CPU limit)."
+    ),
+    memory_mb: int = typer.Option(
+        512, "--memory-mb", help="Address-space limit of the sandbox process, MiB."
+    ),
+) -> None:
+    """Run a Python program in the PAL sandbox (separate process, rlimits, AST allow-list)."""
+    from ragloop.agents.sandbox import Sandbox, SandboxLimits
+
+    source = _read_text(program, "program")
+    if not (0 < timeout <= 3600) or math.isnan(timeout):
+        raise UsageError(f"--timeout must be in (0, 3600] seconds, got {timeout}")
+    limits = SandboxLimits(wall_seconds=timeout, cpu_seconds=max(1, math.ceil(timeout)), memory_mb=memory_mb)
+    result = Sandbox(limits).run(source, entry=None if module else entry)
+    if json_out:
+        data = result.to_dict()
+        if result.stdout:
+            data["stdout"] = result.stdout
+        typer.echo(json.dumps(data, ensure_ascii=False))
+    else:
+        if result.stdout:
+            typer.echo(_safe(result.stdout), nl=not result.stdout.endswith("\n"))
+        if result.ok:
+            typer.echo(_safe(json.dumps(result.value, ensure_ascii=False)))
+        else:
+            typer.echo(f"error ({result.error_type}): {_safe(result.message or '')}")
+    if not result.ok:
+        # an exception, not typer.Exit: main() runs click with standalone_mode=False, which drops Exit codes
+        raise ProgramFailed(f"the program failed ({result.error_type})")
+
+
+def _lines(text: str) -> list[str]:
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # a final newline ends the last line; it does not start another
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, dict):  # a P/R/F triple
+        return " ".join(f"{k[0].upper()}={v:.4f}" for k, v in value.items())
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def score_cmd(
+    metric: str = typer.Option(..., "--metric", help="em | f1 | numeric | rouge | bleu"),
+    pred: str = typer.Option(..., "--pred", help="Predictions, one per line."),
+    ref: list[str] = typer.Option(
+        ..., "--ref", help="References, one per line, aligned with --pred (repeat for more)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per example, then the aggregate."),
+    stem: bool = typer.Option(False, "--stem", help="ROUGE: Porter-stem tokens (rouge-score's use_stemmer)."),
+) -> None:
+    """Score predictions against references: one line per example, then the aggregate."""
+    from ragloop.eval.metrics import SCORE_METRICS, score_texts
+
+    if metric not in SCORE_METRICS:
+        raise UsageError(f"unknown --metric {metric!r}", hint=f"use one of: {', '.join(SCORE_METRICS)}")
+    preds = _lines(_read_text(pred, "--pred"))
+    ref_sets = [_lines(_read_text(r, "--ref")) for r in ref]
+    for path, lines in zip(ref, ref_sets, strict=True):
+        if len(lines) != len(preds):
+            raise UsageError(
+                f"{pred} has {len(preds)} lines but {path} has {len(lines)}",
+                hint="predictions and references must be aligned one example per line",
+            )
+    if not preds:
+        raise UsageError(f"nothing to score: {pred} is empty")
+    refs = [list(group) for group in zip(*ref_sets, strict=True)]
+    try:
+        report = score_texts(metric, preds, refs, use_stemmer=stem)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    for i, row in enumerate(report.per_example, start=1):
+        if json_out:
+            typer.echo(json.dumps({"i": i, **row}))
+        else:
+            typer.echo(
+                f"{i}\t" + "\t".join(f"{k} {_fmt(v)}" if len(row) > 1 else _fmt(v) for k, v in row.items())
+            )
+    agg = report.aggregate
+    if json_out:
+        typer.echo(json.dumps({"metric": metric, **agg}))
+        return
+    if metric == "bleu":
+        typer.echo(f"corpus BLEU = {agg['bleu']:.2f} (n={agg['n']}, {agg['signature']})")
+    elif metric == "rouge":
+        typer.echo(
+            f"mean over n={agg['n']}: " + "  ".join(f"{t} {_fmt(v)}" for t, v in agg.items() if t != "n")
+        )
+    else:
+        lo, hi = agg["ci95"]
+        typer.echo(f"{metric} = {agg[metric]:.4f} (95% CI {lo:.4f}–{hi:.4f}, n={agg['n']})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sandbox")(sandbox_cmd)
+    app.command("score")(score_cmd)
