@@ -1,0 +1,198 @@
+"""``ragloop index | search``: build and query a document index.
+
+Thin commands over ``ragloop.retrieval``: parse options, call one library function, print. File names and
+document text are untrusted: control characters are escaped before they reach the terminal.
+
+Exit codes of ``index``: 0 success, 7 some files failed (the index was saved with the rest), 2 usage
+error (bad option, path not found, nothing to index), 5 index problem (damaged, locked, incompatible).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+import typer
+
+from ragloop.core.errors import UsageError
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+INDEX_HELP = (
+    "Index name or path. A bare name such as 'mydocs' means $RAGLOOP_HOME/indexes/mydocs "
+    "(~/.ragloop/indexes/mydocs by default); a value with a '/' or an existing directory is used as a path."
+)
+EMBEDDER_HELP = (
+    "Embedder: a local sentence-transformers directory, or 'default' (the embedded all-MiniLM-L6-v2). "
+    "'hashing' is a tiny test embedder (no model, poor quality). Default: the index's own embedder."
+)
+
+
+def _safe(text: str) -> str:
+    """``_safe("a\\x1b[2J") -> "a\\\\x1b[2J"``: no escape sequence from a file reaches the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _embedder(value: str | None) -> Any:
+    if value is None:
+        return None
+    from ragloop.retrieval.embeddings import load_embedder
+
+    return load_embedder(value)
+
+
+def _progress_callback(enabled: bool) -> tuple[Any, Any]:
+    """A rich progress bar on stderr (when it is a terminal), and the callback that drives it."""
+    if not enabled or not sys.stderr.isatty():
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    tasks: dict[str, Any] = {}
+
+    def callback(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task({"read": "reading", "embed": "embedding"}.get(stage, stage), total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return bar, callback
+
+
+def _print_summary(s: Any) -> None:
+    verb = "indexed" if s.changed else "up to date:"
+    gen = f" ({s.generation})" if s.generation else ""
+    typer.echo(f"{verb} {s.documents} documents, {s.chunks} chunks in {_safe(s.index)}{gen}")
+    typer.echo(f"  {s.added} added, {s.updated} updated, {s.unchanged} unchanged, {s.removed} removed; "
+               f"{s.chunks_embedded} chunks embedded with {s.embedder} in {s.seconds:.1f} s")
+    n_skipped = sum(len(v) for v in s.skipped.values())
+    if n_skipped:
+        reasons = ", ".join(f"{r} {len(v)}" for r, v in sorted(s.skipped.items()))
+        typer.echo(f"skipped {n_skipped}: {reasons}")
+        for reason, paths in sorted(s.skipped.items()):
+            for p in paths[:5]:
+                typer.echo(f"  {reason}: {_safe(p)}")
+            if len(paths) > 5:
+                typer.echo(f"  {reason}: ... and {len(paths) - 5} more (--json lists all)")
+    if s.errors:
+        typer.echo(f"errors {len(s.errors)} (these files were not indexed):", err=True)
+        for e in s.errors:
+            typer.echo(f"  {_safe(e.path)}: {e.reason}" + (f" ({_safe(e.detail)})" if e.detail else ""), err=True)
+
+
+def index_cmd(
+    paths: list[str] = typer.Argument(None, help="Files and directories to index (incremental: only new or "
+                                      "changed files are embedded; deleted files under these paths are removed)."),
+    index: str = typer.Option("default", "--index", "-i", help=INDEX_HELP),
+    stats: bool = typer.Option(False, "--stats", help="Show documents, chunks, embedder, dimension, size, generations."),
+    verify: bool = typer.Option(False, "--verify", help="Check the index's integrity (hashes, counts, dimensions)."),
+    embedder: str | None = typer.Option(None, "--embedder", help=EMBEDDER_HELP),
+    chunk_tokens: int | None = typer.Option(None, "--chunk-tokens", help="Chunk size in embedder tokens (default 200)."),
+    chunk_overlap: int | None = typer.Option(None, "--chunk-overlap", help="Overlap between chunks in tokens (default 32)."),
+    faiss_kind: str | None = typer.Option(None, "--faiss", help="Vector index: flat (exact, default), hnsw or ivf (large corpora)."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symlinks inside directories."),
+    include_hidden: bool = typer.Option(False, "--include-hidden", help="Index dot-files and dot-directories."),
+    max_file_mb: float = typer.Option(50.0, "--max-file-mb", help="Skip files larger than this (MiB)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Re-chunk and re-embed everything (new embedder or chunk size, damaged index)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (or stats / verify report) as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Index documents (txt, md, rst, html, pdf, json/jsonl, csv, source code) for search and agents.
+
+    Exit codes: 0 ok, 7 some files failed (the rest was indexed), 2 usage error, 5 index error.
+    """
+    from ragloop.retrieval import store
+
+    root = store.resolve_index_path(index)
+    if stats or verify:
+        if paths:
+            raise UsageError("--stats and --verify take no paths", hint=f"ragloop index --index {index} --stats")
+        report = store.index_stats(root) if stats else store.verify_index(root)
+        if as_json:
+            typer.echo(json.dumps(report, indent=1))
+        elif stats:
+            typer.echo(f"index       {_safe(report['index'])}\ngeneration  {report['generation']} "
+                       f"(created {report['created_at']})\ndocuments   {report['documents']}\nchunks      "
+                       f"{report['chunks']}\nembedder    {report['embedder']}\ndimension   {report['dimension']}\n"
+                       f"faiss       {report['faiss']}\nchunking    {report['chunking']['chunk_tokens']} tokens, "
+                       f"overlap {report['chunking']['chunk_overlap']}\nsize        {report['bytes'] / 1e6:.2f} MB "
+                       f"(all generations {report['total_bytes'] / 1e6:.2f} MB)\ngenerations "
+                       + ", ".join(g["generation"] + (" (current)" if g["current"] else "") for g in report["generations"]))
+        else:
+            typer.echo(f"ok: {_safe(report['index'])} {report['current']}: {report['documents']} documents, "
+                       f"{report['chunks']} chunks, all hashes, counts and dimensions check out")
+            for g, status in report["generations"].items():
+                typer.echo(f"  {g}: {status}")
+        return
+    if not paths:
+        raise UsageError("give files or directories to index", hint="ragloop index ./docs --index mydocs")
+    if max_file_mb <= 0:
+        raise UsageError(f"--max-file-mb must be positive, got {max_file_mb}")
+    from ragloop.retrieval.chunking import ChunkingConfig
+    from ragloop.retrieval.faiss_index import FaissConfig
+    from ragloop.retrieval.indexer import IndexConfig, build_index
+
+    chunking = None
+    if chunk_tokens is not None or chunk_overlap is not None:
+        defaults = ChunkingConfig()
+        chunking = ChunkingConfig(chunk_tokens if chunk_tokens is not None else defaults.chunk_tokens,
+                                  chunk_overlap if chunk_overlap is not None else defaults.chunk_overlap)
+    config = IndexConfig(chunking=chunking, faiss=FaissConfig(kind=faiss_kind) if faiss_kind else None,
+                         max_file_bytes=int(max_file_mb * 1024 * 1024), follow_symlinks=follow_symlinks,
+                         include_hidden=include_hidden, rebuild=rebuild)
+    bar, callback = _progress_callback(not quiet and not as_json)
+    if bar is not None:
+        with bar:
+            summary = build_index(paths, root, embedder=_embedder(embedder), config=config, progress=callback)
+    else:
+        summary = build_index(paths, root, embedder=_embedder(embedder), config=config)
+    if as_json:
+        typer.echo(summary.model_dump_json(indent=1))
+    else:
+        _print_summary(summary)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
+
+
+def search_cmd(
+    query: str = typer.Argument(..., help="What to search for."),
+    index: str = typer.Option("default", "--index", "-i", help=INDEX_HELP),
+    k: int = typer.Option(5, "-k", "--top-k", help="Number of results."),
+    mode: str = typer.Option("hybrid", "--mode", "-m", help="dense (embeddings), bm25 (keywords) or hybrid (both, fused)."),
+    embedder: str | None = typer.Option(None, "--embedder", help=EMBEDDER_HELP),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per hit: rank, score, chunk_id, source, text, ..."),
+) -> None:
+    """Search an index; prints the best chunks with their source and score."""
+    from ragloop.retrieval.retriever import SEARCH_MODES, Retriever
+
+    if mode not in SEARCH_MODES:
+        raise UsageError(f"unknown --mode {mode!r}", hint=f"use one of {', '.join(SEARCH_MODES)}")
+    if k < 1:
+        raise UsageError(f"-k must be at least 1, got {k}")
+    with Retriever.open(index, embedder=_embedder(embedder)) as r:
+        hits = r.search(query, k=k, mode=mode)  # type: ignore[arg-type]
+    if as_json:
+        for h in hits:
+            typer.echo(json.dumps(h.model_dump(), ensure_ascii=False))
+        return
+    if not hits:
+        typer.echo("no results")
+        return
+    for h in hits:
+        where = []
+        if "page" in h.metadata:
+            where.append(f"page {h.metadata['page']}")
+        if "line_start" in h.metadata:
+            where.append(f"lines {h.metadata['line_start']}-{h.metadata['line_end']}")
+        loc = f" ({', '.join(where)})" if where else ""
+        typer.echo(f"{h.rank}. [{h.score:.4f}] {_safe(h.source)}{loc}  chunk {h.chunk_id}")
+        for line in h.text.strip().split("\n"):
+            typer.echo(f"    {_safe(line)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index")(index_cmd)
+    app.command("search")(search_cmd)
