@@ -182,3 +182,22 @@ def test_left_pad_and_positions():
     assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
     assert position_ids_from_mask(mask).tolist() == [[0, 1], [0, 0]]
     assert position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1]])).tolist() == [[0, 0, 0, 1, 2]]
+
+
+def test_fused_top_k_top_p_equals_the_two_filters():
+    logits = torch.randn(16, 500, generator=torch.Generator().manual_seed(5)) * 3
+    for k, p in ((1, 0.5), (10, 0.9), (50, 0.3), (499, 0.95), (10, 1.0)):
+        fused = sampling.process_logits(logits, temperature=0.8, top_k=k, top_p=p)
+        two = sampling.top_p_filter(sampling.top_k_filter(logits / 0.8, k), p)
+        assert torch.equal(fused != NEG, two != NEG)
+        assert torch.allclose(fused[fused != NEG], two[two != NEG])
+
+
+def test_top_p_widening_matches_full_sort_on_flat_rows():
+    flat = torch.randn(4, 5000, generator=torch.Generator().manual_seed(6)) * 0.1  # nucleus of thousands
+    out = sampling.top_p_filter(flat, 0.9, first_k=8)
+    for row, filt in zip(flat, out, strict=True):
+        probs = torch.softmax(row, -1)
+        sorted_p, _ = torch.sort(probs, descending=True)
+        n_keep = int(((torch.cumsum(sorted_p, -1) - sorted_p) < 0.9).sum())
+        assert len(kept(filt)) == n_keep
