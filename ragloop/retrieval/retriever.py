@@ -126,6 +126,15 @@ class Retriever:
             depth *= 4
         return self._hits(list(best.values())[:k])
 
+    def search_by_vector(self, vector: Any, k: int = 5) -> list[Hit]:
+        """Dense search with a query vector (D,) that is already embedded (and L2-normalised)."""
+        import numpy as np
+
+        v = np.asarray(vector, dtype=np.float32).reshape(-1)  # (D,)
+        if v.shape[0] != self.dimension:
+            raise UsageError(f"query vector has dimension {v.shape[0]}, the index {self.dimension}")
+        return self._hits(faiss_index.search(self._snap.faiss, v, k))
+
     def _ranked_rows(self, query: str, k: int, mode: str, *, depth: int) -> list[tuple[int, float]]:
         if not isinstance(query, str) or not query.strip():
             raise UsageError("the search query is empty", hint="give some words to search for")
