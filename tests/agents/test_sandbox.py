@@ -31,6 +31,44 @@ def S(body: str) -> str:
 
 # (id, source, entry, expected error_type, a regex the message must match)
 ATTACKS: list[tuple[str, str, str | None, str, str]] = [
+    # --- more resource and arithmetic tricks ---
+    (
+        "fraction_pow_whole_fraction_exponent",
+        "from fractions import Fraction\nanswer = Fraction(10) ** Fraction(10**9)\n",
+        None,
+        "memory",
+        r"\*\*",
+    ),
+    (
+        "int_pow_fraction_exponent",
+        "from fractions import Fraction\nanswer = 10 ** Fraction(10**9)\n",
+        None,
+        "memory",
+        r"\*\*",
+    ),
+    (
+        "decimal_pow_huge_exponent",
+        "from decimal import Decimal\nanswer = Decimal(10) ** (10**9)\n",
+        None,
+        "runtime",
+        "Overflow",
+    ),
+    (
+        "nested_list_repr",
+        S("a = []\nfor _ in range(100000):\n    a = [a]\nreturn str(a)"),
+        "solution",
+        "runtime",
+        "RecursionError",
+    ),
+    (
+        "list_extend_doubling",
+        S("a = [0]\nfor _ in range(40):\n    a.extend(a)\nreturn len(a)"),
+        "solution",
+        "memory",
+        "MemoryError",
+    ),
+    ("str_center_huge", S("return len('x'.center(10**9))"), "solution", "memory", "MemoryError"),
+    ("print_sep_bomb", S("print(1, 2, sep='x' * 10**6)"), "solution", "output_limit", "printed more than"),
     # --- the list in SECURITY.md §1 ---
     ("dunder_import_os_system", "__import__('os').system('id')", None, "validation", "__import__"),
     (
@@ -432,6 +470,20 @@ LEGIT: list[tuple[str, str, str | None, object]] = [
         7,
     ),
     ("non_finite_float", S("return float('inf')"), "solution", "inf"),
+    (
+        "strptime_weekday",
+        "from datetime import datetime\n" + S("return datetime.strptime('2024-03-01', '%Y-%m-%d').weekday()"),
+        "solution",
+        4,
+    ),
+    ("lone_surrogate_in_value", S("return chr(0xD800) + 'x'"), "solution", "\ufffdx"),
+    (
+        "date_strftime_and_today",
+        "from datetime import date\n"
+        + S("return [date(2024, 3, 1).strftime('%A'), date.today().year > 2000]"),
+        "solution",
+        ["Friday", True],
+    ),
     ("unicode_identifier", S("π = 3.14159\nr = 2\nreturn round(π * r ** 2, 2)"), "solution", 12.57),
 ]
 

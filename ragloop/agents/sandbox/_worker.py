@@ -17,10 +17,10 @@ This file must not import anything outside the standard library (no ragloop, no 
 """
 
 import ast
-import importlib.util
 import json
 import math
 import os
+import re
 import resource
 import signal
 import sys
@@ -32,6 +32,9 @@ _LOG10_2 = math.log10(2)
 _MAX_MESSAGE = 600
 _MAX_VALUE_ITEMS = 10_000
 _MAX_VALUE_DEPTH = 20
+# Modules that allowed modules' C code imports at run time through the program's __import__.
+_C_INTERNAL_IMPORTS = frozenset({"time", "_strptime"})
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 class _Abort(BaseException):
@@ -123,10 +126,14 @@ class Guards:
 
     def binop(self, op: str, a, b):
         if op == "**":
-            if isinstance(b, int) and b > 1:
+            exp = b
+            frac = _fraction_type()
+            if frac is not None and isinstance(b, frac) and b.denominator == 1:
+                exp = b.numerator  # Fraction.__pow__/__rpow__ compute whole exponents exactly
+            if isinstance(exp, int) and exp > 1:
                 mag = _log10_magnitude(a)
-                if mag is not None and mag * b > self.max_digits:
-                    raise self._too_big("**", mag * b)
+                if mag is not None and mag * exp > self.max_digits:
+                    raise self._too_big("**", mag * exp)
             return a**b
         if op == "<<":
             if isinstance(a, int) and isinstance(b, int) and a and b > 0:
@@ -320,13 +327,15 @@ class Capture:
 
 
 def load_validator():
+    """Import validator.py from this file's directory (``-I`` keeps that directory off ``sys.path``).
+    The directory is on the path only for this one import, so nothing else can be shadowed by it."""
     here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location(
-        "_ragloop_sandbox_validator", os.path.join(here, "validator.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, here)
+    try:
+        import validator  # noqa: PLC0415 - the sibling file, stdlib-only
+    finally:
+        sys.path.remove(here)
+    return validator
 
 
 def build_globals(validator, guards: Guards, capture: Capture) -> dict:
@@ -353,6 +362,10 @@ def build_globals(validator, guards: Guards, capture: Capture) -> dict:
         return proxies[name]
 
     def sandbox_import(name, globals=None, locals=None, fromlist=(), level=0):  # noqa: A002
+        if level == 0 and name in _C_INTERNAL_IMPORTS and not fromlist:
+            # datetime's C code imports these while the program runs (strftime, today, strptime); the
+            # module goes back to that C code, never to the program (the validator rejects `import time`).
+            return __import__(name)
         if level != 0 or name not in validator.ALLOWED_MODULES:
             raise ImportError(f"import of {name!r} is not allowed in the sandbox")
         return module_proxy(name)
@@ -540,7 +553,10 @@ def run_program(cfg: dict, source: str, validator, capture: Capture) -> dict:
 
 
 def _emit(result: dict) -> None:
-    data = (json.dumps(result, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+    text = json.dumps(result, ensure_ascii=False)
+    # lone surrogates (e.g. chr(0xD800)) cannot travel as UTF-8: send U+FFFD instead
+    text = _SURROGATES.sub("\ufffd", text)
+    data = (text + "\n").encode("utf-8")
     view = memoryview(data)
     while view:
         n = os.write(1, view)

@@ -116,7 +116,8 @@ class _Run:
     cancelled: bool = False
     timed_out: bool = False
     reaped: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # re-entrant: cancel() may run in a signal handler on the thread that holds the lock
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def kill(self) -> None:
         """SIGKILL the child's whole process group. Never after the leader is reaped: until then its
@@ -146,7 +147,7 @@ class Sandbox:
                 "cannot find a Python interpreter for the sandbox (sys.executable is empty)",
                 hint="pass Sandbox(python='/path/to/python3')",
             )
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant for the same reason as _Run.lock
         self._runs: set[_Run] = set()
 
     # -- public API ---------------------------------------------------------------------------------
