@@ -167,6 +167,7 @@ ATTACKS: list[tuple[str, str, str | None, str, str]] = [
     ("input_call", "answer = input()\n", None, "validation", "'input'"),
     ("exit_call", "exit(0)\n", None, "validation", "'exit'"),
     ("builtins_name", "answer = __builtins__\n", None, "validation", "__builtins__"),
+    ("assign_dunder_name", "__name__ = 'x'\n", None, "validation", "__name__"),
     ("sandbox_helper_name", "answer = __rl_binop('*', 2, 3)\n", None, "validation", "__rl_binop"),
     ("underscore_variable", "_secret = 1\n", None, "validation", "'_secret'"),
     ("underscore_keyword", "answer = dict(__class__=1)\n", None, "validation", "__class__"),
@@ -483,6 +484,19 @@ LEGIT: list[tuple[str, str, str | None, object]] = [
         + S("return [date(2024, 3, 1).strftime('%A'), date.today().year > 2000]"),
         "solution",
         ["Friday", True],
+    ),
+    (
+        "main_guard_footer",
+        S("return 5") + 'if __name__ == "__main__":\n    print(solution())\n',
+        "solution",
+        5,
+    ),
+    (
+        "statistics_regression_fields",
+        "import statistics\n"
+        + S("fit = statistics.linear_regression([1, 2, 3], [2, 4, 6])\nreturn [fit.slope, fit.intercept]"),
+        "solution",
+        [2.0, 0.0],
     ),
     ("unicode_identifier", S("π = 3.14159\nr = 2\nreturn round(π * r ** 2, 2)"), "solution", 12.57),
 ]

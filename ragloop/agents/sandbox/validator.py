@@ -8,7 +8,8 @@ Policy (SECURITY.md §1, item 4) — an allow-list, never a deny-list:
 - node types: only those in ``ALLOWED_NODES``; every other node (classes, lambda, try/with/raise,
   yield/await, global/nonlocal, match, decorators, and any syntax a newer Python adds) is rejected;
 - names: a variable may be ``_`` but no other name starting with ``_`` (so ``__builtins__``,
-  ``__import__`` and the sandbox's own ``__rl_*`` helpers are unreachable); loading a Python builtin that
+  ``__import__`` and the sandbox's own ``__rl_*`` helpers are unreachable) — except that ``__name__``
+  may be read, so the common ``if __name__ == "__main__":`` footer does not get a program rejected; loading a Python builtin that
   the sandbox does not provide (``open``, ``eval``, ``getattr``, ``type`` …) is rejected unless the program
   binds that name itself;
 - attributes: only names in ``ALLOWED_ATTRIBUTES`` — the public methods of the value types a program can
@@ -81,6 +82,7 @@ _VALUE_ATTRIBUTES = frozenset(
     start stop step
     adjusted compare copy_abs copy_negate copy_sign ln is_finite is_infinite is_nan is_signed is_zero
     normalize quantize to_integral to_integral_value to_eng_string
+    slope intercept week
     year month day hour minute second microsecond microseconds days seconds weekday isoweekday isoformat
     isocalendar strftime total_seconds date time today now fromisoformat strptime combine toordinal
     fromordinal timestamp fromtimestamp tzinfo utc utcoffset astimezone ctime min max resolution
@@ -242,6 +244,8 @@ def validate(tree: ast.Module) -> None:
 
 def _check_node(node: ast.AST, bound: set[str]) -> None:
     if isinstance(node, ast.Name):
+        if _norm(node.id) == "__name__" and isinstance(node.ctx, ast.Load):
+            return  # reading the module name (a plain string) keeps `if __name__ == "__main__":` working
         _check_identifier(node.id, "name", node, allow_underscore=True)
         name = _norm(node.id)
         if isinstance(node.ctx, ast.Load) and name in _UNAVAILABLE_BUILTINS and name not in bound:
