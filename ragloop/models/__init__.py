@@ -25,7 +25,6 @@ _LAZY = {
     "HFStepper": "ragloop.models.decoding",
     "sequence_logprobs": "ragloop.models.decoding",
     "PolicyChatModel": "ragloop.models.langchain_chat",
-    "plan": "ragloop.models.plan",
 }
 
 

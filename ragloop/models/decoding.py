@@ -276,7 +276,7 @@ class DecodeRun:
             for r in self.rows
         ]
         self._max_stop = max((len(s) for s in cfg.stop), default=0)
-        self._done = False
+        self._events: Iterator[tuple[int, str]] | None = None
 
     # -- per-row bookkeeping ------------------------------------------------------------------------------
 
@@ -334,8 +334,12 @@ class DecodeRun:
     # -- the loop -----------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
-        if self._done:
-            return
+        # one underlying generator: a consumer that stops early and later calls results() resumes it
+        if self._events is None:
+            self._events = self._run()
+        return self._events
+
+    def _run(self) -> Iterator[tuple[int, str]]:
         cfg = self.cfg
         rows = self.rows
         expanded = [self.prompts[r.prompt_index] for r in rows]
@@ -375,9 +379,9 @@ class DecodeRun:
                 seen.scatter_(1, nxt.unsqueeze(-1), True)
             feed = torch.tensor([tok if row.finish is None else self.pad_id for tok, row in zip(toks, rows, strict=True)])
             logits = self.stepper.step(feed)  # (R, V)
-        self._done = True
 
     def results(self) -> list[list[Generation]]:
+        """Run to the end (resuming a partly consumed iteration) and return the generations per prompt."""
         for _ in self:
             pass
         out: list[list[Generation]] = [[] for _ in self.prompts]

@@ -224,7 +224,10 @@ class LocalPolicy:
         if not prompts:
             return []
         encoded = self._encode_checked(prompts, cfg)
-        per_chunk = max(1, self.max_batch_rows // cfg.n)
+        limit = self.max_batch_rows
+        if self.backend != "hf":  # keep batches within the fast path's capacity when it has one
+            limit = min(limit, int(getattr(self.stepper(), "max_batch", limit)))
+        per_chunk = max(1, limit // cfg.n)
         out: list[list[Generation]] = []
         with self._eval_mode():
             for start in range(0, len(encoded), per_chunk):

@@ -305,3 +305,16 @@ def test_unknown_backend_is_refused(tiny_model, smol_tokenizer):
 
     with pytest.raises(UsageError, match="backend"):
         LocalPolicy.from_model(tiny_model, smol_tokenizer, backend="warp")
+
+
+def test_results_after_a_partial_stream_resume_the_same_run(tiny_policy):
+    cfg = GenerationConfig(temperature=1.0, max_new_tokens=20, seed=8)
+    run = tiny_policy.decode_run([CHAT], cfg)
+    first = []
+    for _, piece in run:
+        first.append(piece)
+        if len(first) == 3:
+            break
+    gen = run.results()[0][0]
+    assert gen.text.startswith("".join(first)) and gen.num_tokens == 20
+    assert gen.text == tiny_policy.generate(CHAT, cfg)[0].text
