@@ -382,7 +382,23 @@ def _quiet_progress() -> Iterator[None]:
 def _hf_dir_for(source: ModelSource, cache_root: Path | None) -> Path:
     if source.kind == "gguf":
         return ensure_converted(source, cache_root)
+    _verify_checkpoint(source.path)
     return source.path
+
+
+def _verify_checkpoint(path: Path) -> None:
+    """A directory ragloop wrote (its ``ragloop.json`` lists the files) is checked like a cache entry;
+    damage is a ModelLoadError naming the file (a checkpoint has no source to rebuild it from)."""
+    meta = path / CHECKPOINT_META
+    try:
+        manifest = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT and "files" in manifest:
+        try:
+            verify_model_dir(path, manifest_name=CHECKPOINT_META)
+        except CacheCorruptError as e:
+            raise ModelLoadError(f"damaged checkpoint: {e.message}", hint="re-export it or pick another") from None
 
 
 def load_tokenizer(spec: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None) -> Any:

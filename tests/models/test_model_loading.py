@@ -196,3 +196,13 @@ def test_missing_chat_template_gets_chatml(smol_tokenizer):
 def test_cache_dir_env_is_respected(monkeypatch, tmp_path):
     monkeypatch.setenv("RAGLOOP_CACHE", str(tmp_path))
     assert loading.converted_dir(loading.resolve_spec(None)).parent == Path(tmp_path) / "models"
+
+
+def test_damaged_ragloop_checkpoint_is_a_clear_error(tmp_path, tiny_model, smol_tokenizer):
+    ckpt = loading.write_model_dir(tiny_model, smol_tokenizer, tmp_path / "ckpt", metadata={"name": "sft"},
+                                   manifest_name=loading.CHECKPOINT_META)
+    assert loading.load_tokenizer(str(ckpt)) is not None
+    w = ckpt / loading.WEIGHTS
+    w.write_bytes(w.read_bytes()[:-10])
+    with pytest.raises(ModelLoadError, match="damaged checkpoint"):
+        loading.load_model_and_tokenizer(str(ckpt))
