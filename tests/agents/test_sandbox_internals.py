@@ -298,7 +298,9 @@ def test_worker_file_imports_only_the_standard_library():
                 mods |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
                 mods.add(node.module.split(".")[0])
-    assert mods <= set(sys.stdlib_module_names) | {"__future__", "validator"}, mods  # validator: the sibling file
+    assert mods <= set(sys.stdlib_module_names) | {"__future__", "validator"}, (
+        mods
+    )  # validator: the sibling file
 
 
 # ------------------------------------------------------------------------------------ host defences
@@ -369,3 +371,12 @@ def test_missing_interpreter_is_a_clear_error(tmp_path):
 
     with pytest.raises(SandboxError, match="cannot start the sandbox interpreter"):
         Sandbox(python=str(tmp_path / "nope")).run("x = 1")
+
+
+def test_a_program_larger_than_the_pipe_buffer_is_written_in_pieces():
+    lines = [f"v{i} = {i}" for i in range(12000)]
+    source = "\n".join(lines) + "\nanswer = v11999 + v0\n"
+    assert len(source.encode()) > 2 * 65536
+    limits = SandboxLimits(max_source_bytes=400_000, max_source_lines=20_000, wall_seconds=20, cpu_seconds=10)
+    res = Sandbox(limits).run(source, entry=None)
+    assert res.ok and res.value == 11999

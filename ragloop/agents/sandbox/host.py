@@ -264,14 +264,19 @@ class Sandbox:
                     if stream is proc.stdin:
                         try:
                             n = os.write(proc.stdin.fileno(), view[:65536])
-                        except BrokenPipeError:
+                        except BlockingIOError:
+                            n = 0
+                        except BrokenPipeError:  # the child stopped reading: it will say why
                             n, view = 0, view[:0]
                         view = view[n:]
                         if not view:
                             sel.unregister(proc.stdin)
                             proc.stdin.close()
                         continue
-                    chunk = os.read(stream.fileno(), 65536)  # type: ignore[union-attr]
+                    try:
+                        chunk = os.read(stream.fileno(), 65536)  # type: ignore[union-attr]
+                    except BlockingIOError:
+                        continue
                     if not chunk:
                         sel.unregister(stream)
                         continue
