@@ -107,6 +107,23 @@ def _separators(language: str | None) -> list[str] | None:
         return None
 
 
+def _with_offsets(text: str, pieces: list[str]) -> list[tuple[str, int]]:
+    """Attach each piece's start offset in ``text``; pieces are in order and may overlap.
+
+    (LangChain's ``add_start_index`` subtracts the overlap, counted in tokens here, from a character
+    offset, so it is wrong for token-sized chunks; this searches forward from the previous start instead.)
+    ``_with_offsets("ab cd ef", ["ab cd", "cd ef"]) -> [("ab cd", 0), ("cd ef", 3)]``
+    """
+    out, prev = [], -1
+    for p in pieces:
+        i = text.find(p, prev + 1)
+        if i < 0:
+            i = max(text.find(p), 0)
+        out.append((p, i))
+        prev = i
+    return out
+
+
 class Chunker:
     """Cuts ``SourceDocument``s into ``Chunk``s for one embedder's tokenizer and window."""
 
@@ -141,7 +158,6 @@ class Chunker:
                 chunk_size=self.config.chunk_tokens,
                 chunk_overlap=self.config.chunk_overlap,
                 length_function=self._counter,
-                add_start_index=True,
                 is_separator_regex=language is not None and _separators(language) is not None,
             )
         return self._splitters[language]
@@ -149,9 +165,7 @@ class Chunker:
     def split_text(self, text: str, language: str | None = None) -> list[tuple[str, int]]:
         """(chunk text, start offset in ``text``) pairs, every chunk within the embedder window."""
         self._counter.prime(text)
-        docs = self._splitter(language).create_documents([text])
-        pieces = [(d.page_content, int(d.metadata.get("start_index", 0))) for d in docs]
-        return self._enforce_window(pieces)
+        return self._enforce_window(_with_offsets(text, self._splitter(language).split_text(text)))
 
     def _enforce_window(self, pieces: list[tuple[str, int]]) -> list[tuple[str, int]]:
         if self.additive:
@@ -173,9 +187,9 @@ class Chunker:
             while True:  # exact counts now; shrink until every sub-piece fits
                 sub = RecursiveCharacterTextSplitter(
                     chunk_size=size, chunk_overlap=min(self.config.chunk_overlap, size // 4),
-                    length_function=lambda s: self._count_exact([s])[0], add_start_index=True,
-                ).create_documents([piece])
-                parts = [(d.page_content, start + int(d.metadata.get("start_index", 0))) for d in sub]
+                    length_function=lambda s: self._count_exact([s])[0],
+                ).split_text(piece)
+                parts = [(p, start + off) for p, off in _with_offsets(piece, sub)]
                 if all(c <= self.max_tokens for c in self._count_exact([p for p, _ in parts])) or size <= 8:
                     break
                 size = max(8, int(size * 0.8))
