@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("RAGLOOP_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False)
+        # In non-standalone mode click returns the code of a `typer.Exit` instead of raising it.
+        rc = app(args=argv, standalone_mode=False)
     except RagloopError as e:
         if debug:
             raise
@@ -81,19 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # Usage errors from the (vendored) click layer: typer >= 0.2x ships its own click copy, so match by
+        # behaviour rather than by class.
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Exit):
             return e.exit_code
         if debug:
             raise
         typer.echo(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
         return 1
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
