@@ -59,7 +59,7 @@ def normalize_expression(expr: str) -> str:
     s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # thousands separators
     s = s.replace("$", "").replace("×", "*").replace("÷", "/").replace("^", "**").replace("−", "-")
     s = re.sub(r"(?<=\d)\s*[xX]\s*(?=[\d(])", " * ", s)  # 5 x 3
-    s = re.sub(r"(\d)\s*%", r"(\1/100)", s)  # 15% -> (15/100)
+    s = re.sub(r"(\d+(?:\.\d+)?)\s*%", r"(\1/100)", s)  # 15% -> (15/100)
     s = s.rstrip("=").strip()
     return s
 

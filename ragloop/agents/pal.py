@@ -77,15 +77,19 @@ def extract_program(text: str) -> tuple[str | None, list[str]]:
     """
     repairs: list[str] = []
     src = text.replace("\r\n", "\n").replace("\t", "    ")
-    blocks = _FENCE_RE.findall(src)
+    blocks = list(_FENCE_RE.finditer(src))
     if blocks:
-        with_def = [b for b in blocks if "def solution" in b]
-        src = with_def[0] if with_def else blocks[0]
+        with_def = [b for b in blocks if "def solution" in b.group(1)]
+        chosen = with_def[0] if with_def else blocks[0]
         repairs.append("code-fence")
+        outside = src[: chosen.start()] + src[chosen.end():]
+        src = chosen.group(1)
+        if outside.strip():
+            repairs.append("text-outside-program")
     m = _DEF_RE.search(src)
     if m is None:
         return None, repairs
-    if src[: m.start()].strip():
+    if src[: m.start()].strip() and "text-outside-program" not in repairs:
         repairs.append("text-outside-program")
     lines = src[m.start():].split("\n")
     kept = [lines[0]]

@@ -64,6 +64,12 @@ _CALL_RE = re.compile(r"^([A-Za-z][A-Za-z_ ]{0,30}?)[ \t]*([\[(])(.*)$", re.S)
 _OBS_INLINE_RE = re.compile(r"\s*\bObservation\b\s*\d*\s*:.*$", re.I | re.S)
 
 
+def quotes_observation(text: str) -> bool:
+    """True when ``text`` contains the data delimiters that wrap observations (it copies tool output)."""
+    low = text.lower()
+    return "<data>" in low or "</data>" in low
+
+
 def resolve_tool(name: str, tools: Sequence[str], repairs: list[str]) -> str | None:
     """Canonical tool name for ``name``: exact, case-insensitive (repair), or a close spelling (repair).
 
@@ -151,6 +157,16 @@ def parse_react_text(text: str, *, step: int, tools: Sequence[str], finish_tool:
     if line is not None:
         thought_text, label, num, content = src[: line.start()], line.group(1), line.group(2), line.group(3)
         after = src[line.end() :]
+    elif quotes_observation(src):
+        # repairs never apply to text that quotes a tool observation: a planted "Finish[...]" or
+        # "Final Answer:" copied from a document must not become an action (SECURITY.md §4)
+        return ParsedStep(
+            thought=_THOUGHT_PREFIX_RE.sub("", src).strip(),
+            repairs=repairs,
+            error="Invalid action: your text quotes an observation; write your own line "
+            + FORMAT_HINT_TEXT.format(i=step, tools=", ".join(tools)).removeprefix("Write exactly one line "),
+            error_type="no-action",
+        )
     else:
         inline = _INLINE_ACTION_RE.search(src)
         if inline is not None:

@@ -86,7 +86,7 @@ def wrap_observation(text: str, *, max_chars: int | None = None) -> str:
 
 _FLAG_PATTERNS: dict[str, re.Pattern[str]] = {
     "instruction-override": re.compile(
-        r"\b(ignore|disregard|forget|override)\b[^.\n]{0,40}\b(instructions?|prompts?|rules|above|previous)\b"
+        r"\b(ignore|disregard|forget|override)\b[^.\n]{0,40}\b(instructions?|prompts?|rules|above|previous|question|task)\b"
         r"|\byou are now\b|\bnew instructions?\b|\bsystem prompt\b",
         re.IGNORECASE,
     ),
