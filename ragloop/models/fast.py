@@ -1,0 +1,381 @@
+"""A fast CPU decode path for Llama-family models: prepacked weights, a static KV cache, few ops per token.
+
+``make_stepper(model)`` reads the weights of a Hugging Face ``LlamaForCausalLM`` once and returns a
+``FastStepper`` with two calls the decode loop (``ragloop.models.decoding``) drives:
+
+- ``prefill(input_ids, attention_mask)``: LEFT-padded prompts ``(B, T)`` → logits ``(B, V)`` of the last
+  position; resets the KV cache and fills it;
+- ``step(next_ids)``: the ``(B,)`` tokens just chosen → logits ``(B, V)`` of the next position.
+
+Why it is faster than ``model.generate`` at batch 1 on a CPU: one decode step reads every weight once from
+DRAM, so it is bound by memory bandwidth, and the plain ``F.linear`` (MKL sgemm/gemv) path reaches only a
+fraction of it. What this module does about it (each lever measured in ``benchmarks/bench_decode.py`` and
+recorded in ``benchmarks/RESULTS.md``):
+
+- weights are fused (Q|K|V into one matrix, gate|up into one) and prepacked once into oneDNN's blocked
+  layout (``torch.ops.mkldnn._reorder_linear_weight``), whose matmul streams them near DRAM bandwidth;
+- ``precision="bf16"`` stores matmul weights in bfloat16 (half the bytes; AVX-512 BF16 dot products), and
+  ``precision="int8"`` stores them as int8 with one scale per output channel (weight-only quantisation,
+  as in LLM.int8()/GPTQ-style weight-only schemes, Dettmers et al. 2022) — a quarter of the bytes;
+  norms, RoPE, attention, softmax and the residual stream stay in fp32 in every mode;
+- a static, preallocated KV cache (no ``torch.cat`` per token) and one additive padding mask;
+- the per-token Python is a short loop of tensor ops (no module hooks, no cache objects).
+
+The model is the one of Touvron et al. 2023 (LLaMA): RMSNorm (Zhang & Sennrich 2019), rotary position
+embeddings (Su et al. 2021), grouped-query attention (Ainslie et al. 2023), a SiLU-gated MLP (Shazeer 2020).
+``precision="fp32"`` computes the same function as the HF model (logits equal up to float rounding, so the
+greedy tokens are the same); reduced precisions trade a little next-token agreement for speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ragloop.core.errors import ContextWindowError, UsageError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class Stepper(Protocol):
+    """What the decode loop needs: a prefill and a one-token step, both returning last-position logits."""
+
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.Tensor: ...
+
+    def step(self, next_ids: torch.LongTensor) -> torch.Tensor: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear layers in three precisions
+
+
+def _mkldnn_ok() -> bool:
+    return bool(torch.backends.mkldnn.is_available())
+
+
+class _PackedLinear:
+    """``y = x @ W.T`` with ``W`` (N, K) prepacked for oneDNN (fp32 or bf16 weights).
+
+    The output keeps the weights' dtype: a bf16 output added to the fp32 residual stream promotes to fp32
+    in the add itself, so no separate cast is spent on it.
+    """
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        w = weight.detach().to(dtype).contiguous()  # (N, K)
+        self.packed = _mkldnn_ok()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint) if self.packed else w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if self.packed:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")  # (..., N)
+        else:
+            y = F.linear(x, self.weight)
+        return y
+
+
+class _Int8Linear:
+    """Weight-only int8: ``W ≈ Q * s`` with ``Q`` int8 (N, K) and one fp scale per output row (absmax/127).
+
+    The int8 kernel (``torch._weight_int8pack_mm``) is fast only with bf16 activations on CPU (with fp32
+    ones it takes a slow reference path, ~20× slower), so the input is cast to bf16; the output is bf16.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_int8_per_channel(weight.detach().float())
+        self.q = q  # (N, K) int8
+        self.scale = scale.to(torch.bfloat16)  # (N,)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (M, K)
+        y = torch._weight_int8pack_mm(x2, self.q, self.scale)  # (M, N) bf16
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``weight ≈ q * scale[:, None]``.
+
+    >>> q, s = quantize_int8_per_channel(torch.tensor([[1.0, -2.0], [0.5, 0.25]]))
+    >>> q.tolist(), [round(v, 6) for v in s.tolist()]
+    ([[64, -127], [127, 64]], [0.015748, 0.003937])
+    """
+    amax = weight.abs().amax(dim=1).clamp_min(1e-12)  # (N,)
+    scale = amax / 127.0
+    q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (N, K)
+    return q, scale
+
+
+def _make_linear(weight: torch.Tensor, precision: str, batch_hint: int):
+    if precision == "int8":
+        return _Int8Linear(weight)
+    return _PackedLinear(weight, torch.float32 if precision == "fp32" else torch.bfloat16, batch_hint)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Architecture and weights
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The sizes a Llama decode step needs (read from the HF config)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_eps: float
+    max_positions: int
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor  # (D,)
+    qkv: object  # linear D -> (H + 2 KV) * hd
+    o: object  # linear H * hd -> D
+    ln2: torch.Tensor  # (D,)
+    gate_up: object  # linear D -> 2 I
+    down: object  # linear I -> D
+
+
+def check_supported(model: torch.nn.Module) -> LlamaShape:
+    """Raise UsageError unless ``model`` is a Llama-family causal LM this module computes exactly."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) != "llama":
+        raise UsageError(
+            f"the fast decode path supports Llama-family models only, got "
+            f"{getattr(cfg, 'model_type', type(model).__name__)!r}",
+            hint="use the HF backend (backend='hf') for this model",
+        )
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(model, "lm_head"):
+        raise UsageError("the fast decode path needs a LlamaForCausalLM (model.model.layers, lm_head)")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise UsageError(f"the fast decode path supports hidden_act='silu' only, got {cfg.hidden_act!r}")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise UsageError("the fast decode path does not support attention/MLP biases")
+    rope = getattr(inner, "rotary_emb", None)
+    rope_type = getattr(rope, "rope_type", None)
+    # RoPE variants whose inverse frequencies are fixed at load time (dynamic/longrope change with length)
+    if rope is None or not hasattr(rope, "inv_freq") or rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise UsageError(f"the fast decode path does not support rope_type={rope_type!r}")
+    if next(model.parameters()).device.type != "cpu":
+        raise UsageError("the fast decode path runs on CPU only")
+    num_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+    return LlamaShape(
+        num_layers=len(layers),
+        hidden_size=cfg.hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        vocab_size=model.lm_head.weight.shape[0],
+        rms_eps=float(cfg.rms_norm_eps),
+        max_positions=int(getattr(cfg, "max_position_embeddings", 2048)),
+    )
+
+
+def _extract_layers(model: torch.nn.Module, precision: str, batch_hint: int) -> list[_Layer]:
+    out = []
+    for layer in model.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        wqkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], dim=0)  # ((H+2KV)hd, D)
+        wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)  # (2I, D)
+        out.append(
+            _Layer(
+                ln1=layer.input_layernorm.weight.detach().float().clone(),
+                qkv=_make_linear(wqkv, precision, batch_hint),
+                o=_make_linear(att.o_proj.weight, precision, batch_hint),
+                ln2=layer.post_attention_layernorm.weight.detach().float().clone(),
+                gate_up=_make_linear(wgu, precision, batch_hint),
+                down=_make_linear(mlp.down_proj.weight, precision, batch_hint),
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stepper
+
+
+class FastStepper:
+    """Prefill + one-token steps over a static KV cache. Not thread-safe; one generation at a time."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        precision: str = "fp32",
+        max_batch: int = 16,
+        max_seq_len: int | None = None,
+        reserve: int = 256,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise UsageError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.shape = s = check_supported(model)
+        self.precision = precision
+        self.max_batch = max_batch
+        self.max_seq_len = int(max_seq_len or s.max_positions)
+        self.reserve = max(1, int(reserve))  # cache slots allocated beyond the prompt; doubled when full
+        with torch.no_grad():
+            self.embed = model.model.embed_tokens.weight.detach().float()  # (V, D), shared, not copied
+            self.layers = _extract_layers(model, precision, batch_hint=1)
+            self.norm = model.model.norm.weight.detach().float().clone()  # (D,)
+            self.lm_head = _make_linear(model.lm_head.weight, precision, batch_hint=1)
+            rope = model.model.rotary_emb
+            self.inv_freq = rope.inv_freq.detach().float().clone()  # (hd/2,)
+            self.rope_scale = float(getattr(rope, "attention_scaling", 1.0))
+        self.scale = 1.0 / math.sqrt(s.head_dim)
+        self._cos = self._sin = None  # (P, hd) tables, grown on demand
+        self._k: list[torch.Tensor] = []  # per layer (B, KV, S, hd)
+        self._v: list[torch.Tensor] = []
+        self._mask: torch.Tensor | None = None  # (B, S) additive: 0 valid, -inf padding
+        self._pos: torch.Tensor | None = None  # (B,) position of the next token
+        self._len = 0  # slots filled
+        self._batch = 0
+
+    # -- tables and cache ---------------------------------------------------------------------------------
+
+    def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin, (n, hd): rotate_half(x) * sin == roll(x, hd/2) * sin_signed."""
+        if self._cos is None or self._cos.shape[0] < n:
+            cap = max(n, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            pos = torch.arange(cap, dtype=torch.float32)
+            freqs = pos[:, None] * self.inv_freq[None, :]  # (cap, hd/2), as HF: position * inv_freq
+            emb = torch.cat([freqs, freqs], dim=-1)  # (cap, hd)
+            half = self.inv_freq.shape[0]
+            sign = torch.cat([-torch.ones(half), torch.ones(half)])  # (hd,)
+            self._cos = emb.cos() * self.rope_scale
+            self._sin = emb.sin() * self.rope_scale * sign
+        return self._cos, self._sin
+
+    def _alloc(self, batch: int, capacity: int) -> None:
+        s = self.shape
+        self._k = [torch.zeros(batch, s.num_kv_heads, capacity, s.head_dim) for _ in range(s.num_layers)]
+        self._v = [torch.zeros(batch, s.num_kv_heads, capacity, s.head_dim) for _ in range(s.num_layers)]
+        self._mask = torch.zeros(batch, capacity)
+
+    def _grow(self, need: int) -> None:
+        cap = self._k[0].shape[2]
+        if need <= cap:
+            return
+        if need > self.max_seq_len:
+            raise ContextWindowError(
+                f"the sequence reached {need} tokens, more than max_seq_len={self.max_seq_len}",
+                hint="ask for fewer new tokens or use a shorter prompt",
+            )
+        new_cap = min(max(need, 2 * cap), self.max_seq_len)
+        b = self._batch
+        old_k, old_v, old_m = self._k, self._v, self._mask
+        self._alloc(b, new_cap)
+        for dst, src in zip(self._k + self._v, old_k + old_v, strict=True):
+            dst[:, :, :cap].copy_(src)
+        self._mask[:, :cap].copy_(old_m)
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def _forward(
+        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Run ids (B, T) at positions pos (B, T), writing cache slots [start, start+T); logits (B, V) of the
+        last position. ``mask`` (B, 1, T, start+T) is additive (0 or -inf)."""
+        s = self.shape
+        B, T = ids.shape
+        H, KV, hd, D = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
+        cos_t, sin_t = self._rope_tables(int(pos.max()) + 1)
+        cos = cos_t[pos].unsqueeze(2)  # (B, T, 1, hd)
+        sin = sin_t[pos].unsqueeze(2)  # (B, T, 1, hd), sign folded in: rotate_half(x)*sin == roll(x)*sin
+        end = start + T
+        x = self.embed[ids]  # (B, T, D) fp32 residual stream
+        eps = s.rms_eps
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (D,), layer.ln1, eps)  # (B, T, D)
+            qkv = layer.qkv(h).view(B, T, H + 2 * KV, hd)  # (B, T, H+2KV, hd)
+            qk = qkv[:, :, : H + KV].float()  # (B, T, H+KV, hd)
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # RoPE on q and k at once
+            kc, vc = self._k[i], self._v[i]
+            kc[:, :, start:end] = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, hd)
+            vc[:, :, start:end] = qkv[:, :, H + KV :].transpose(1, 2)
+            y = F.scaled_dot_product_attention(
+                qk[:, :, :H].transpose(1, 2), kc[:, :, :end], vc[:, :, :end], attn_mask=mask, enable_gqa=True
+            )  # (B, H, T, hd)
+            x = x + layer.o(y.transpose(1, 2).reshape(B, T, H * hd))
+            h = F.rms_norm(x, (D,), layer.ln2, eps)
+            g, u = layer.gate_up(h).chunk(2, dim=-1)  # (B, T, I) each
+            x = x + layer.down(F.silu(g) * u)
+        h = F.rms_norm(x[:, -1], (D,), self.norm, eps)  # (B, D)
+        return self.lm_head(h).float()  # (B, V)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.Tensor:
+        """LEFT-padded prompts (B, T) → logits (B, V) at the last position; resets and fills the cache."""
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise UsageError(
+                f"prefill needs input_ids and attention_mask of the same (B, T) shape, got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        B, T = input_ids.shape
+        if B > self.max_batch:
+            raise UsageError(f"batch {B} exceeds max_batch={self.max_batch}", hint="split the batch")
+        if T < 1:
+            raise UsageError("prefill needs at least one prompt token")
+        if T > self.max_seq_len:
+            raise ContextWindowError(f"the prompt has {T} tokens, more than max_seq_len={self.max_seq_len}")
+        am = attention_mask.to(torch.bool)
+        if not bool(am[:, -1].all()):
+            raise UsageError("prompts must be LEFT-padded: the last position of every row must be a token")
+        self._batch = B
+        self._alloc(B, min(self.max_seq_len, T + self.reserve))
+        self._mask[:, :T].masked_fill_(~am, float("-inf"))
+        # positions as HF generate: cumulative count of real tokens - 1 (padding gets 1, unused)
+        pos = (am.long().cumsum(-1) - 1).clamp_min(0)  # (B, T)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+        # a padding query attends to itself only, so no row is all -inf (no NaN from softmax)
+        allowed = (causal[None] & am[:, None, :]) | torch.eye(T, dtype=torch.bool)[None]  # (B, T, T)
+        mask = torch.zeros(B, 1, T, T).masked_fill_(~allowed[:, None], float("-inf"))
+        logits = self._forward(input_ids, pos, mask, 0)
+        self._len = T
+        self._pos = pos[:, -1] + 1  # (B,)
+        return logits
+
+    @torch.inference_mode()
+    def step(self, next_ids: torch.LongTensor) -> torch.Tensor:
+        """The (B,) tokens just chosen → logits (B, V) for the next position."""
+        if self._pos is None:
+            raise UsageError("step() called before prefill()")
+        if next_ids.shape != (self._batch,):
+            raise UsageError(f"step needs ({self._batch},) token ids, got {tuple(next_ids.shape)}")
+        self._grow(self._len + 1)
+        end = self._len + 1
+        logits = self._forward(next_ids[:, None], self._pos[:, None], self._mask[:, None, None, :end], self._len)
+        self._len += 1
+        self._pos = self._pos + 1
+        return logits
+
+
+def make_stepper(
+    model: torch.nn.Module,
+    *,
+    precision: str = "fp32",
+    max_batch: int = 16,
+    max_seq_len: int | None = None,
+) -> FastStepper:
+    """A ``FastStepper`` over ``model``'s weights; raises UsageError (a ValueError-like RagloopError) if the
+    model is not a supported Llama-family CPU model — the caller then falls back to the HF stepper."""
+    return FastStepper(model, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len)

@@ -1,0 +1,206 @@
+"""The fast decode path (ragloop.models.fast) against the transformers model it reads its weights from.
+
+The reference for every comparison is a plain HF forward pass over the whole sequence (no cache), with the
+same left padding and position ids as ``model.generate`` uses. A tiny random Llama (2 layers, GQA, tied
+embeddings) checks the arithmetic; one end-to-end test checks greedy tokens on the real embedded model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragloop.core.errors import ContextWindowError, UsageError
+from ragloop.models.fast import FastStepper, make_stepper, quantize_int8_per_channel
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA: two query heads per KV head
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        initializer_range=0.2,  # large weights: clear arg-max margins, so token tests test logic not noise
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    return model.eval()
+
+
+def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def _hf_last_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T), as model.generate builds them
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()  # (B, V)
+
+
+def _run(stepper, ids, mask, steps: int, feed: list[torch.Tensor] | None = None):
+    """Logits of the prefill and of ``steps`` steps; feeds ``feed[t]`` or the greedy token."""
+    out = [stepper.prefill(ids, mask)]
+    chosen = []
+    for t in range(steps):
+        nxt = feed[t] if feed is not None else out[-1].argmax(-1)
+        chosen.append(nxt)
+        out.append(stepper.step(nxt))
+    return out, chosen
+
+
+def _reference(model, ids, mask, chosen):
+    out = [_hf_last_logits(model, ids, mask)]
+    for nxt in chosen:
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out.append(_hf_last_logits(model, ids, mask))
+    return out
+
+
+PROMPTS = [[5, 17, 300, 42, 7, 99], [8, 250, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
+
+
+def test_fp32_logits_equal_hf_for_prefill_and_ten_steps(tiny):
+    ids, mask = _left_pad(PROMPTS)
+    fast, chosen = _run(make_stepper(tiny), ids, mask, steps=10)
+    ref = _reference(tiny, ids, mask, chosen)
+    for t, (a, b) in enumerate(zip(fast, ref, strict=True)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"position {t}: max diff {(a - b).abs().max()}"
+
+
+def test_left_padded_batch_equals_each_prompt_alone(tiny):
+    ids, mask = _left_pad(PROMPTS)
+    batched, chosen = _run(make_stepper(tiny), ids, mask, steps=6)
+    for r, prompt in enumerate(PROMPTS):
+        one_ids, one_mask = _left_pad([prompt])
+        alone, _ = _run(make_stepper(tiny), one_ids, one_mask, steps=6, feed=[c[r : r + 1] for c in chosen])
+        for a, b in zip(batched, alone, strict=True):
+            assert torch.allclose(a[r], b[0], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_tokens_identical_to_hf_generate(tiny):
+    ids, mask = _left_pad(PROMPTS)
+    with torch.inference_mode():
+        ref = tiny.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None
+        )[:, ids.shape[1] :]
+    _, chosen = _run(make_stepper(tiny), ids, mask, steps=12)
+    assert torch.equal(torch.stack(chosen, dim=1), ref)
+
+
+def test_cache_grows_past_its_first_allocation(tiny):
+    ids, mask = _left_pad(PROMPTS[:2])
+    stepper = FastStepper(tiny, reserve=2)  # forces two doublings in 10 steps
+    fast, chosen = _run(stepper, ids, mask, steps=10)
+    assert stepper._k[0].shape[2] > ids.shape[1] + 2
+    for a, b in zip(fast, _reference(tiny, ids, mask, chosen), strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_resets_the_cache(tiny):
+    stepper = make_stepper(tiny)
+    ids, mask = _left_pad(PROMPTS[:1])
+    first, _ = _run(stepper, ids, mask, steps=3)
+    _run(stepper, *_left_pad(PROMPTS[1:]), steps=4)  # another run in between
+    again, _ = _run(stepper, ids, mask, steps=3)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("precision, threshold", [("bf16", 0.85), ("int8", 0.85)])
+def test_reduced_precision_agrees_with_fp32(tiny, precision, threshold):
+    """Teacher-forced next-token agreement with fp32 over 3 prompts x 20 positions."""
+    ids, mask = _left_pad(PROMPTS)
+    g = torch.Generator().manual_seed(1)
+    feed = [torch.randint(3, VOCAB, (len(PROMPTS),), generator=g) for _ in range(20)]
+    ref, _ = _run(make_stepper(tiny), ids, mask, steps=20, feed=feed)
+    low, _ = _run(make_stepper(tiny, precision=precision), ids, mask, steps=20, feed=feed)
+    agree = torch.cat([(a.argmax(-1) == b.argmax(-1)) for a, b in zip(ref, low, strict=True)]).float().mean()
+    assert agree >= threshold
+    err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(low, ref, strict=True))
+    assert 0 < err < 0.1  # reduced, but not broken
+
+
+def test_quantize_int8_per_channel_round_trips_within_half_a_step():
+    w = torch.tensor([[1.0, -2.0, 0.3], [0.5, 0.25, -0.125]])
+    q, scale = quantize_int8_per_channel(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert q[0, 1] == -127 and q[1, 0] == 127
+    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
+
+
+def test_bad_calls_are_clear_errors(tiny):
+    stepper = make_stepper(tiny, max_batch=2, max_seq_len=16)
+    with pytest.raises(UsageError, match="before prefill"):
+        stepper.step(torch.tensor([1]))
+    with pytest.raises(UsageError, match="LEFT-padded"):
+        stepper.prefill(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]))
+    with pytest.raises(UsageError, match="max_batch"):
+        stepper.prefill(*_left_pad([[1], [2], [3]]))
+    with pytest.raises(ContextWindowError):
+        stepper.prefill(*_left_pad([list(range(3, 20))]))
+    stepper.prefill(*_left_pad([list(range(3, 18))]))  # 15 of 16 slots
+    stepper.step(torch.tensor([4]))
+    with pytest.raises(ContextWindowError, match="max_seq_len=16"):
+        stepper.step(torch.tensor([4]))
+    with pytest.raises(UsageError, match="precision"):
+        make_stepper(tiny, precision="fp8")
+
+
+def test_unsupported_models_are_refused(tiny):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    with pytest.raises(UsageError, match="Llama-family"):
+        make_stepper(gpt2)
+    biased = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, attention_bias=True)
+    )
+    with pytest.raises(UsageError, match="bias"):
+        make_stepper(biased)
+
+
+@pytest.mark.e2e
+def test_real_model_greedy_tokens_identical_to_hf_generate():
+    from ragloop.models.loading import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer()
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("What is the capital of France?", "Write a haiku about rain.")
+    ]
+    rows = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    ids, mask = _left_pad(rows)
+    ids[mask == 0] = tok.pad_token_id
+    with torch.inference_mode():
+        ref = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+            pad_token_id=tok.pad_token_id, eos_token_id=None,
+        )[:, ids.shape[1] :]
+    _, chosen = _run(make_stepper(model), ids, mask, steps=16)
+    fast = torch.stack(chosen, dim=1)
+    assert torch.equal(fast, ref), (tok.batch_decode(fast), tok.batch_decode(ref))
+    # and one prompt alone (no padding) gives the same tokens as its row in the batch
+    _, alone = _run(make_stepper(model), *_left_pad(rows[1:]), steps=16)
+    assert torch.equal(torch.stack(alone, dim=1)[0], fast[1])
