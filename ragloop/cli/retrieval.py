@@ -102,7 +102,9 @@ def index_cmd(
 ) -> None:
     """Index documents (txt, md, rst, html, pdf, json/jsonl, csv, source code) for search and agents.
 
-    Exit codes: 0 ok, 7 some files failed (the rest was indexed), 2 usage error, 5 index error.
+    Crash-safe: once this command succeeds the new index survives a crash; if it is interrupted at any
+    point, the previous index stays loadable and unchanged. Exit codes: 0 ok, 7 some files failed (the
+    rest was indexed), 2 usage error, 5 index error (damaged, locked by another writer, other embedder).
     """
     from ragloop.retrieval import store
 

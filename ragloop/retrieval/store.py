@@ -15,7 +15,9 @@ Layout of an index directory::
 A save writes a new generation directory (every file written, fsynced), fsyncs the directories, then
 writes ``CURRENT.tmp``, fsyncs it, ``os.replace``s it over ``CURRENT`` and fsyncs the index directory.
 A crash at any step leaves ``CURRENT`` naming a complete, verified generation: the old one before the
-replace, the new one after. Readers resolve ``CURRENT`` once and load everything into memory, so they keep a
+replace, the new one after. The promise: after a save returns, the new index survives a process crash;
+if a save is interrupted at any point, the previous index is still loadable and unchanged
+(``tests/retrieval/test_faults.py`` kills the writer at every step to check it). Readers resolve ``CURRENT`` once and load everything into memory, so they keep a
 consistent snapshot while writers work. There is no pickle anywhere.
 
 Every filesystem step of a save goes through ``StoreOps``; its ``hook`` runs before each step, which is how
