@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -50,6 +50,9 @@ class SFTRow(BaseModel):
 
     messages: list[Message]
     source: str = ""  # where the row came from ("trace:<id>", "gsm8k-teacher", …), for mixing and audits
+    # "chat": rendered with the policy's chat template; "raw": a plain completion prompt (e.g. PAL's raw
+    # style), the messages' contents concatenated as they were fed to the model
+    template: Literal["chat", "raw"] = "chat"
 
     @field_validator("messages")
     @classmethod
@@ -109,8 +112,9 @@ def trace_to_sft_row(trace: Trace, *, source: str | None = None) -> SFTRow | Non
         Message(role=m.role, content=m.content, trainable=(m.role == "assistant" and m.trainable))
         for m in trace.messages
     ]
+    template = "raw" if trace.meta.get("prompt_style") == "raw" else "chat"
     try:
-        return SFTRow(messages=msgs, source=source or f"trace:{trace.id}")
+        return SFTRow(messages=msgs, source=source or f"trace:{trace.id}", template=template)
     except ValidationError:
         return None
 
@@ -341,7 +345,8 @@ def validate_sft_rows(raw: Iterable[dict], *, max_chars: int = 200_000) -> tuple
             msgs = [dict(m, trainable=(m.get("role") == "assistant" and m.get("trainable", True))) for m in msgs
                     if isinstance(m, dict)]
         try:
-            rows.append(SFTRow(messages=msgs, source=str(obj.get("source", ""))))
+            template = obj.get("template") or ("raw" if (obj.get("meta") or {}).get("prompt_style") == "raw" else "chat")
+            rows.append(SFTRow(messages=msgs, source=str(obj.get("source", "")), template=template))
         except ValidationError as e:
             msg = e.errors()[0].get("msg", "")
             report.drop("no_trainable_assistant" if "trainable" in msg else "bad_messages")
@@ -546,3 +551,35 @@ def program_value(program: str) -> float | None:
         else:
             return None
     return None
+
+
+def program_body(program: str) -> str:
+    """The statements of ``def solution():`` after its docstring, as source lines — what a model writes
+    after PAL's prefilled ``def solution():`` + docstring:
+    ``program_body('def solution():\\n    \"\"\"Q\"\"\"\\n    x = 1\\n    return x') -> '    x = 1\\n    return x'``."""
+    fn = ast.parse(program).body[0]
+    if not isinstance(fn, ast.FunctionDef):
+        raise DataError("not a function definition")
+    stmts = fn.body
+    if stmts and isinstance(stmts[0], ast.Expr) and isinstance(getattr(stmts[0], "value", None), ast.Constant):
+        stmts = stmts[1:]
+    if not stmts:
+        raise DataError("the function has no statements after its docstring")
+    lines = program.split("\n")
+    first = stmts[0].lineno - 1
+    # keep comment lines directly above the first statement
+    while first > 0 and lines[first - 1].strip().startswith("#"):
+        first -= 1
+    return "\n".join(lines[first:])
+
+
+def hh_transcript_to_messages(transcript: str) -> list[Message]:
+    """An HH transcript (``\\n\\nHuman: …\\n\\nAssistant: …``) as chat messages (user/assistant turns)."""
+    parts = re.split(r"\n\n(Human|Assistant):", "\n\n" + transcript.strip())
+    msgs: list[Message] = []
+    for i in range(1, len(parts) - 1, 2):
+        role = "user" if parts[i] == "Human" else "assistant"
+        text = parts[i + 1].strip()
+        if text:
+            msgs.append(Message(role=role, content=text))
+    return msgs

@@ -94,6 +94,36 @@ def trainable_char_spans(
     return full, spans
 
 
+def tokenize_raw(
+    messages: Sequence[Message | dict[str, Any]], tokenizer: Any, *, max_length: int | None = None
+) -> TokenizedExample:
+    """A plain-completion row (no chat template): each message's text tokenised on its own and concatenated,
+    exactly as the model saw it (prompt ids, then the generated ids after them). Trainable assistant text is
+    labelled, and when the row ends with one the end-of-sequence token is appended and labelled too, so the
+    model learns to stop::
+
+        [user "Q: 2+2?\n", assistant "return 4"] → ids(Q…) + ids(return 4) + [eos], labels −100… + ids + [eos]
+    """
+    msgs = _as_dicts(messages)
+    ids: list[int] = []
+    labels: list[int] = []
+    for m in msgs:
+        t = list(tokenizer(m["content"], add_special_tokens=False)["input_ids"])
+        train = m["role"] == "assistant" and m["trainable"]
+        ids += t
+        labels += t if train else [IGNORE_INDEX] * len(t)
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if msgs and msgs[-1]["role"] == "assistant" and msgs[-1]["trainable"] and eos_id is not None:
+        ids.append(int(eos_id))
+        labels.append(int(eos_id))
+    if max_length is not None and len(ids) > max_length:
+        raise DataError(f"row is {len(ids)} tokens, longer than max_length={max_length}")
+    ex = TokenizedExample(input_ids=ids, labels=labels)
+    if ex.n_trainable == 0:
+        raise DataError("row has no trainable tokens after tokenisation")
+    return ex
+
+
 def tokenize_chat(
     messages: Sequence[Message | dict[str, Any]],
     render: Renderer,
@@ -135,7 +165,10 @@ def tokenize_rows(
     for row in rows:
         report.read += 1
         try:
-            out.append(tokenize_chat(row.messages, render, tokenizer, max_length=max_length))
+            if row.template == "raw":
+                out.append(tokenize_raw(row.messages, tokenizer, max_length=max_length))
+            else:
+                out.append(tokenize_chat(row.messages, render, tokenizer, max_length=max_length))
             report.kept += 1
         except DataError as e:
             report.drop("too_long" if "longer than max_length" in str(e) else "unmaskable")

@@ -191,14 +191,22 @@ def token_nll_sum(model: Any, batch: dict[str, Any], *, bf16: bool = False) -> t
     import torch
     import torch.nn.functional as F
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T', V)
     labels = batch["labels"]  # (B, T)
-    extra = logits.shape[1] - labels.shape[1]  # prompt tuning prepends virtual tokens
-    if extra:
-        logits = logits[:, extra:, :]
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
+    T = labels.shape[1]
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    first = max(1, int(labelled[0])) if len(labelled) else 1
+    prompt_tuning = hasattr(model, "peft_config") and getattr(model, "active_peft_config", None) is not None \
+        and getattr(model.active_peft_config, "is_prompt_learning", False)
+    keep = 0 if prompt_tuning else T - first + 1  # the LM head runs only where a label can follow
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=keep).logits  # (B, T' or keep, V)
+    if prompt_tuning:
+        logits = logits[:, logits.shape[1] - T:, :]  # drop the virtual tokens' positions
+        first = 1
+    # logits now cover positions first-1 … T-1; position i predicts label i+1
+    shift_logits = logits[:, -(T - first + 1):-1, :].float()  # (B, T-first, V)
+    shift_labels = labels[:, first:]  # (B, T-first)
     n = int((shift_labels != IGNORE_INDEX).sum())
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")

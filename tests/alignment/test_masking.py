@@ -66,3 +66,19 @@ def test_pad_batch_shapes():
     assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert b["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_raw_completion_rows(smol_tokenizer):
+    """PAL's raw style: prompt and completion tokenised separately (as fed at inference), eos appended."""
+    from ragloop.alignment.masking import tokenize_raw
+
+    prompt = 'Q: 2+2?\n\n# solution in Python:\n\n\ndef solution():\n    """2+2?"""\n'
+    body = "    result = 2 + 2\n    return result"
+    ex = tokenize_raw([{"role": "user", "content": prompt}, {"role": "assistant", "content": body}], smol_tokenizer)
+    p_ids = smol_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    b_ids = smol_tokenizer(body, add_special_tokens=False)["input_ids"]
+    assert ex.input_ids == p_ids + b_ids + [smol_tokenizer.eos_token_id]
+    assert ex.labels == [IGNORE_INDEX] * len(p_ids) + b_ids + [smol_tokenizer.eos_token_id]
+    row = SFTRow(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": body}], template="raw")
+    exs, _ = tokenize_rows([row], None, smol_tokenizer, max_length=256)
+    assert exs[0].input_ids == ex.input_ids

@@ -1,0 +1,39 @@
+"""End-to-end smoke run of the improve loop on the tiny model with a 1-minute budget: the real PAL agent and
+sandbox, the real GSM8K files, SFT → reward model (real MiniLM, frozen backbone) → PPO → eval; the summary and
+the exported policy are checked."""
+
+from __future__ import annotations
+
+import json
+
+from ragloop.alignment.improve import ImproveConfig, run_improve
+from ragloop.core.trace import read_traces
+from ragloop.models.local import LocalPolicy
+
+
+def test_improve_smoke_one_minute(smol_tokenizer, tiny_model_factory, tmp_path):
+    from ragloop.models.loading import load_policy
+
+    policy = LocalPolicy.from_model(tiny_model_factory(seed=0), smol_tokenizer, name="tiny")
+    cfg = ImproveConfig(out_dir=str(tmp_path / "improve"), budget_minutes=1.0, eval_n=4, max_new_tokens=24,
+                        eval_batch=4, collect_questions=2, collect_samples=2, teacher_limit=24, rm_questions=2,
+                        sft_batch=4, sft_max_length=320, sft_lr=1e-3, ppo_batch_prompts=2, ppo_samples=2,
+                        ppo_max_iterations=2, general_n=2, min_stage_seconds=1.0,
+                        reserve_seconds=2.0)
+    summary = run_improve(cfg, policy=policy)
+    out = tmp_path / "improve"
+    on_disk = json.loads((out / "summary.json").read_text())
+    for side in ("before", "after"):
+        for key in ("accuracy", "ci95", "n", "format_valid"):
+            assert key in on_disk[side]
+        assert on_disk[side]["n"] == 4
+    assert on_disk["policy"] and load_policy(on_disk["policy"]) is not None
+    assert summary["stages"]["sft"]["steps"] >= 1
+    assert "rm" in summary["stages"] and "ppo" in summary["stages"]
+    assert summary["elapsed_minutes"] < 3.0
+    # every trace is saved, with critiques on the collected ones
+    collected = read_traces(out / "traces" / "collect-start.jsonl")
+    assert len(collected) == 4 and all(t.feedback.critiques for t in collected)
+    assert len(read_traces(out / "traces" / "eval-after.jsonl")) == 4
+    assert (out / "before_after.png").is_file() and (out / "sft" / "curves.png").is_file()
+    assert "| accuracy" in (out / "table.md").read_text()
