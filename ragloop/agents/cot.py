@@ -169,7 +169,7 @@ class CoTAgent(AgentBase):
             "exemplar_ids": [e.id for e in kept], "self_consistency": c.self_consistency,
         })
         trace.messages = messages_of(prompt)
-        self._emit("start", question)
+        self._emit("start", question, agent=self.kind)
         gens = self._generate(prompt, cfg, step=1)
         answers: list[str | None] = []
         strict = []

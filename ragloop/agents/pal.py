@@ -177,8 +177,7 @@ class PALAgent(AgentBase):
     def _decoding(self) -> GenerationConfig:
         c = self.config
         stops = ["\n\n\n", "\nQ:", "\n# solution in Python", "\nif __name__", "\nprint("]
-        if c.prompt_style == "raw":
-            stops.append("\n```")
+        stops.append("\n```")
         if c.self_consistency > 1:
             return GenerationConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                     n=c.self_consistency, seed=c.seed, stop=stops)
@@ -195,9 +194,15 @@ class PALAgent(AgentBase):
         cfg = self._decoding()
         pool = list(c.exemplars) if c.exemplars is not None else load_pal_exemplars()
         chosen = select_exemplars(pool, min(c.shots, len(pool)), query=question, embedder=c.embedder)
+        prefill = ""
+        if c.prefill:
+            prefill = _docstring_line(question) if c.prompt_style == "raw" else "```\n" + _docstring_line(question)
+        extra = 0 if c.prompt_style == "raw" else len(self.policy.tokenize(prefill))  # raw: already in the prompt
         kept, prompt = fit_exemplars(chosen, lambda ex: self.build_prompt(question, ex, context), self.policy,
-                                     reserve_tokens=cfg.max_new_tokens)
-        prefill = _docstring_line(question) if c.prompt_style == "raw" and c.prefill else ""
+                                     reserve_tokens=cfg.max_new_tokens + extra)
+        # chat style with prefill: the assistant turn is opened by the template and starts with the prefill
+        gen_prompt: Prompt = prompt if isinstance(prompt, str) or not prefill else \
+            self.policy.render(prompt, add_generation_prompt=True) + prefill
         trace = self._new_trace(question, cfg, task=task, meta={
             "prompt_style": c.prompt_style, "prefill": bool(prefill), "shots_requested": c.shots,
             "shots": len(kept), "exemplar_ids": [e.id for e in kept], "self_consistency": c.self_consistency,
@@ -205,16 +210,17 @@ class PALAgent(AgentBase):
         if context:
             trace.injection_flags = injection_flags(context)
         trace.messages = messages_of(prompt)
-        self._emit("start", question)
-        gens = self._generate(prompt, cfg, step=1)
-        n_in = self.policy.count_tokens(prompt)
+        self._emit("start", question, agent=self.kind, prefill=prefill)
+        gens = self._generate(gen_prompt, cfg, step=1)
+        n_in = self.policy.count_tokens(gen_prompt)
         answers: list[str | None] = []
         for i, g in enumerate(gens, 1):
             ts = time.perf_counter()
             program, repairs = extract_program(prefill + g.text)
             step = Step(index=i, raw_output=g.text, code=program, repairs=repairs,
                         tokens_in=n_in if i == 1 else 0, tokens_out=g.num_tokens)
-            trace.messages.append(Message(role="assistant", content=g.text))
+            own = g.text if isinstance(prompt, str) else prefill + g.text  # chat: the turn includes the prefill
+            trace.messages.append(Message(role="assistant", content=own))
             answer = None
             if program is None:
                 step.error, step.error_type = "no `def solution():` program in the model's output", "no-program"

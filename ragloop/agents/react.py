@@ -12,7 +12,8 @@ agent falls back to CoT with self-consistency (the paper's ReAct → CoT-SC stra
 
 Two prompt styles: ``chat`` (the instruction and exemplars as the system message; the episode as turns:
 user question, assistant steps, observations as ``observation_role`` turns; each step generated after the
-chat template's assistant prompt plus ``Thought i:``), and ``raw`` (the paper's single completion text).
+chat template's assistant prompt plus ``Thought i:``), and ``raw`` (the paper's single completion text; the
+Trace's message contents, concatenated in order, are exactly the text the model saw and wrote).
 """
 
 from __future__ import annotations
@@ -168,8 +169,8 @@ class ReActAgent(AgentBase):
     def _step_prompt(self, head: Prompt, turns: list[tuple[str, str]], step: int) -> str:
         """The prompt text for step ``step``: head + previous (assistant, observation) turns + ``Thought i:``."""
         if isinstance(head, str):
-            body = "".join(f"{a}\n{o}\n" for a, o in turns)
-            return f"{head}{body}Thought {step}:"
+            # raw style: the turns carry their own newlines, so prompt == concatenation of the messages
+            return head + "".join(a + o for a, o in turns) + f"Thought {step}:"
         msgs = list(head)
         for a, o in turns:
             msgs += [{"role": "assistant", "content": a}, {"role": self.config.observation_role, "content": o}]
@@ -214,7 +215,7 @@ class ReActAgent(AgentBase):
         trace.messages = [Message(role="user", content=head)] if isinstance(head, str) else [
             Message(role=m["role"], content=m["content"]) for m in head  # type: ignore[index]
         ]
-        self._emit("start", question)
+        self._emit("start", question, agent=self.kind)
         turns: list[tuple[str, str]] = []
         tool_calls = 0
         tokens_used = 0
@@ -238,7 +239,9 @@ class ReActAgent(AgentBase):
             parsed = self._parse(text, i)
             step = Step(index=i, thought=parsed.thought or None, raw_output=text, repairs=parsed.repairs,
                         tokens_in=gen.prompt_tokens or self.policy.count_tokens(prompt), tokens_out=gen.num_tokens)
-            assistant_text = f"Thought {i}:{text}"
+            raw = c.prompt_style == "raw"
+            # raw style: the "\n" the model wrote before the stop string "\nObservation" is its own text
+            assistant_text = f"Thought {i}:{text}" + ("\n" if raw and gen.finish_reason == "stop" else "")
             trace.messages.append(Message(role="assistant", content=assistant_text))
             if parsed.thought:
                 self._emit("thought", parsed.thought, i)
@@ -285,10 +288,14 @@ class ReActAgent(AgentBase):
             step.observation = obs
             step.seconds = round(time.perf_counter() - ts, 4)
             trace.steps.append(step)
-            trace.messages.append(Message(role="tool" if c.prompt_style == "raw" else c.observation_role,
-                                          content=obs, trainable=False))
+            if raw and not assistant_text.endswith("\n"):
+                assistant_text += "\n"
+                trace.messages[-1] = Message(role="assistant", content=assistant_text)
+            obs_text = obs + "\n" if raw else obs
+            trace.messages.append(Message(role="tool" if raw else c.observation_role, content=obs_text,
+                                          trainable=False))
             self._emit("observation", obs, i)
-            turns.append((assistant_text, obs))
+            turns.append((assistant_text, obs_text))
 
         trace.meta["stop_reason"] = stop_reason
         trace.meta["tool_calls"] = tool_calls

@@ -65,10 +65,19 @@ def test_golden_pal_raw_prefill(sandbox):
 
 def test_pal_chat_style(sandbox):
     policy = ScriptedPolicy(["```\ndef solution():\n    return 3 * 4\n```"])
-    trace = PALAgent(policy, PALConfig(prompt_style="chat", shots=3), sandbox=sandbox).run("What is 3 times 4?")
+    trace = PALAgent(policy, PALConfig(prompt_style="chat", shots=3, prefill=False), sandbox=sandbox).run(
+        "What is 3 times 4?")
     assert trace.answer == "12" and trace.steps[0].repairs == ["code-fence"]
     assert [m.role for m in trace.messages] == ["system", "user", "assistant"]
     assert "Here are 3 examples" in trace.messages[1].content and trace.messages[1].content.endswith("Q: What is 3 times 4?")
+
+
+def test_pal_chat_style_with_prefill(sandbox):
+    policy = ScriptedPolicy(["\n    return 3 * 4\n```\nDone"])
+    trace = PALAgent(policy, PALConfig(prompt_style="chat", shots=1), sandbox=sandbox).run("What is 3 times 4?")
+    assert policy.prompts[0].endswith('<|im_start|>assistant\n```\ndef solution():\n    """What is 3 times 4?"""')
+    assert trace.answer == "12" and trace.messages[-1].content.startswith("```\ndef solution():")
+    assert "\n```" in policy.calls[0].cfg.stop
 
 
 @pytest.mark.parametrize(

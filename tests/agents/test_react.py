@@ -58,6 +58,8 @@ def test_golden_react_raw_with_repairs():
     assert policy.prompts[0].endswith("Question: Who introduced nucleus sampling?\nThought 1:")
     assert "\nObservation 1: <data> (Nucleus sampling) Nucleus" in policy.prompts[1]
     assert trace.meta["prompt_style"] == "raw"
+    # raw style: the message contents, concatenated, are exactly the text the model saw
+    assert "".join(m.content for m in trace.messages[:-1]) + "Thought 2:" == policy.prompts[-1]
     check_golden("react_raw_repairs", trace)
 
 

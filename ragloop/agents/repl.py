@@ -1,0 +1,327 @@
+"""The interactive agent REPL (``ragloop chat``) and the live view of a run shared with ``ragloop ask``.
+
+- ``EventPrinter``: draws ``AgentEvent``s as they happen — streamed tokens under ``Thought i:``, actions,
+  observations, PAL code and results, self-consistency samples, the answer — with rich. Every piece of
+  text is passed through ``neutralize_control`` and printed as plain ``Text`` (never as rich markup),
+  so a retrieved document can neither move the cursor nor restyle the terminal (SECURITY.md §4).
+- ``ChatSession``: the REPL's state (agent, index, decoding settings, traces) and its slash commands,
+  as plain methods that return the text to show (tested without a terminal).
+- ``run_repl``: the loop — prompt-toolkit for input and history, Ctrl-C cancels the current step (the
+  sandbox kills its child's process group) and returns to the prompt, Ctrl-D exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragloop.agents.base import AgentEvent
+from ragloop.agents.safety import neutralize_control
+from ragloop.core.errors import RagloopError
+from ragloop.core.trace import Trace, write_traces
+
+log = logging.getLogger(__name__)
+
+HELP = """Commands:
+  /agent react|pal|cot        switch agent
+  /index PATH|NAME|none       search this index (ReAct)
+  /task auto|qa|math|claims   what kind of question (auto: qa with an index, math without)
+  /set KEY VALUE              temperature, top_p, top_k, max_new_tokens, max_steps, shots,
+                              self_consistency, seed, prompt_style, action_format
+  /settings                   show the current settings
+  /trace                      show the last trace (JSON)
+  /save FILE                  append the last trace to FILE (JSONL)
+  /help                       this text
+  /quit                       leave (or Ctrl-D)
+Ctrl-C cancels the running step and returns to the prompt."""
+
+_SETTABLE: dict[str, Callable[[str], Any]] = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "max_new_tokens": int,
+    "max_steps": int,
+    "shots": int,
+    "self_consistency": int,
+    "seed": int,
+    "prompt_style": str,
+    "action_format": str,
+}
+
+
+def safe_text(text: str) -> str:
+    """Terminal-safe text (escape sequences removed, control characters made visible)."""
+    return neutralize_control(text)
+
+
+class EventPrinter:
+    """Prints agent events live on a rich Console (plain Text objects only: no markup from data)."""
+
+    def __init__(self, console: Any, *, show_tokens: bool = True) -> None:
+        self.console = console
+        self.show_tokens = show_tokens
+        self._step_open: int | None = None
+        self._label = "Thought"
+        self._prefill = ""
+
+    def _line(self, text: str, style: str = "") -> None:
+        from rich.text import Text
+
+        self.console.print(Text(safe_text(text), style=style), soft_wrap=True)
+
+    def _close_step(self) -> None:
+        if self._step_open is not None:
+            self.console.print()
+            self._step_open = None
+
+    def __call__(self, ev: AgentEvent) -> None:
+        from rich.text import Text
+
+        if ev.kind == "token":
+            if not self.show_tokens:
+                return
+            if self._step_open != ev.step:
+                self._close_step()
+                self._step_open = ev.step
+                if self._label == "Program":
+                    self.console.print(Text("Program:", style="bold cyan"))
+                    self.console.print(Text(safe_text(self._prefill), style="dim"), end="")
+                else:
+                    self.console.print(Text(f"{self._label} {ev.step}:", style="bold cyan"), end="")
+            self.console.print(Text(safe_text(ev.text), style="cyan"), end="")
+            return
+        self._close_step()
+        if ev.kind == "start":
+            data = ev.data or {}
+            self._label = {"pal": "Program", "cot": "Reasoning"}.get(str(data.get("agent")), "Thought")
+            self._prefill = str(data.get("prefill") or "")
+            return
+        if ev.kind == "thought" and not self.show_tokens:
+            self._line(f"Thought {ev.step}: {ev.text}", "cyan")
+        elif ev.kind == "action" and not self.show_tokens:
+            self._line(ev.text, "bold magenta")
+        elif ev.kind == "observation":
+            self._line(ev.text, "green")
+        elif ev.kind == "code" and not self.show_tokens:
+            self._line(ev.text, "cyan")
+        elif ev.kind == "result":
+            self._line(f"Result: {ev.text}", "green" if (ev.data or {}).get("ok") else "red")
+        elif ev.kind == "sample":
+            ans = (ev.data or {}).get("answer")
+            self._line(f"Sample {ev.step}: answer {ans!s}", "dim")
+        elif ev.kind == "error":
+            self._line(f"Error: {ev.text}", "red")
+        elif ev.kind == "fallback":
+            self._line(ev.text, "yellow")
+        elif ev.kind == "answer":
+            self._line(f"Answer: {ev.text or '(none)'}", "bold green")
+
+
+def render_trace(trace: Trace) -> str:
+    """A readable multi-line account of a trace (for ``ask`` without streaming and for the demo)."""
+    lines = [f"Question: {trace.question}"]
+    for s in trace.steps:
+        if trace.agent == "react":
+            if s.thought:
+                lines.append(f"Thought {s.index}: {s.thought}")
+            if s.action is not None:
+                args = ", ".join(str(v) for v in s.action.arguments.values())
+                lines.append(f"Action {s.index}: {s.action.name}[{args}]")
+            if s.observation:
+                lines.append(s.observation)
+            elif s.error:
+                lines.append(f"Error {s.index}: {s.error}")
+        elif trace.agent == "pal":
+            lines.append(s.code or f"(no program) {s.raw_output or ''}")
+            lines.append(f"Result: {s.observation or s.error}")
+        else:
+            lines.append(f"Reasoning {s.index}: {(s.thought or '').strip()}")
+    if trace.fallback:
+        lines.append(f"(fell back to {trace.fallback})")
+    lines.append(f"Answer: {trace.answer if trace.answer is not None else '(none)'}")
+    return safe_text("\n".join(lines))
+
+
+@dataclass
+class ChatSession:
+    """State of the REPL; ``command`` runs a slash command and returns the text to print."""
+
+    agent: str = "react"
+    index: str | None = None
+    task: str = "auto"
+    settings: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "seed": 0})
+    traces: list[Trace] = field(default_factory=list)
+    quit: bool = False
+
+    @property
+    def last_trace(self) -> Trace | None:
+        return self.traces[-1] if self.traces else None
+
+    def effective_task(self) -> str:
+        if self.task != "auto":
+            return self.task
+        if self.agent == "react" and self.index:
+            return "qa"
+        return "math"
+
+    def describe(self) -> str:
+        s = ", ".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
+        return f"agent={self.agent} index={self.index or 'none'} task={self.effective_task()} {s}"
+
+    def command(self, line: str) -> str:
+        try:
+            parts = shlex.split(line)
+        except ValueError as e:
+            return f"error: {e}"
+        if not parts:
+            return ""
+        cmd, args = parts[0].lower(), parts[1:]
+        if cmd in ("/quit", "/exit"):
+            self.quit = True
+            return "bye"
+        if cmd == "/help":
+            return HELP
+        if cmd == "/agent":
+            if len(args) != 1 or args[0] not in ("react", "pal", "cot"):
+                return "usage: /agent react|pal|cot"
+            self.agent = args[0]
+            return f"agent: {self.agent}"
+        if cmd == "/index":
+            if len(args) != 1:
+                return "usage: /index PATH|NAME|none"
+            self.index = None if args[0].lower() == "none" else args[0]
+            return f"index: {self.index or 'none'}"
+        if cmd == "/task":
+            if len(args) != 1 or args[0] not in ("auto", "qa", "math", "claims"):
+                return "usage: /task auto|qa|math|claims"
+            self.task = args[0]
+            return f"task: {self.task}"
+        if cmd == "/set":
+            return self._set(args)
+        if cmd == "/settings":
+            return self.describe()
+        if cmd == "/trace":
+            t = self.last_trace
+            return "no trace yet" if t is None else safe_text(json.dumps(json.loads(t.to_json()), indent=1))
+        if cmd == "/save":
+            if len(args) != 1:
+                return "usage: /save FILE"
+            if self.last_trace is None:
+                return "no trace yet"
+            try:
+                write_traces(Path(args[0]).expanduser(), [self.last_trace], append=True)
+            except OSError as e:
+                return f"error: cannot write {args[0]}: {e.strerror or e}"
+            return f"saved the last trace to {args[0]}"
+        return f"unknown command {cmd}; /help lists them"
+
+    def _set(self, args: list[str]) -> str:
+        if len(args) != 2:
+            return "usage: /set KEY VALUE  (keys: " + ", ".join(_SETTABLE) + ")"
+        key, raw = args[0].lower().replace("-", "_"), args[1]
+        if key not in _SETTABLE:
+            return f"unknown setting {key!r}; choose one of: {', '.join(_SETTABLE)}"
+        try:
+            value = _SETTABLE[key](raw)
+        except ValueError:
+            return f"error: {key} needs a {_SETTABLE[key].__name__}, got {raw!r}"
+        try:
+            self.spec_with(**{key: value})  # validate before accepting
+        except RagloopError as e:
+            return f"error: {e.message}"
+        self.settings[key] = value
+        return f"{key} = {value}"
+
+    def spec_with(self, **override: Any) -> Any:
+        """The AgentSpec for the current state (``override`` checks a setting before it is kept)."""
+        from ragloop.agents.factory import AgentSpec
+        from ragloop.models.types import GenerationConfig
+
+        s = {**self.settings, **override}
+        if s.get("temperature"):
+            GenerationConfig(temperature=float(s["temperature"]), top_p=float(s.get("top_p", 1.0)),
+                             top_k=int(s.get("top_k", 0)))
+        return AgentSpec(
+            kind=self.agent, task=self.effective_task(),  # type: ignore[arg-type]
+            shots=s.get("shots"), self_consistency=int(s.get("self_consistency", 1)),
+            prompt_style=s.get("prompt_style"), action_format=s.get("action_format", "text"),
+            max_new_tokens=s.get("max_new_tokens"), max_steps=s.get("max_steps"),
+            temperature=s.get("temperature") or None, top_p=float(s.get("top_p", 1.0)),
+            top_k=int(s.get("top_k", 0)), seed=int(s.get("seed", 0)),
+        )
+
+
+def run_repl(
+    session: ChatSession,
+    load_policy: Callable[[], Any],
+    *,
+    console: Any = None,
+    history_file: Path | None = None,
+) -> int:
+    """The read-eval-print loop. Returns the exit code (0 after Ctrl-D or /quit)."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from rich.console import Console
+
+    from ragloop.agents.factory import build_agent
+    from ragloop.agents.sandbox import Sandbox
+
+    console = console or Console(highlight=False)
+    history: Any = InMemoryHistory()
+    if history_file is not None:
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(history_file))
+        except OSError as e:
+            log.warning("no input history: %s", e)
+    prompt = PromptSession(history=history)
+    sandbox = Sandbox()
+    policy: Any = None
+    retrievers: dict[str, Any] = {}
+    console.print("ragloop chat — /help for commands, Ctrl-D to leave", highlight=False)
+    console.print(session.describe(), style="dim", highlight=False)
+    while not session.quit:
+        try:
+            line = prompt.prompt(f"{session.agent}> ")
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            console.print("bye")
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            out = session.command(line)
+            if out:
+                from rich.text import Text
+
+                console.print(Text(out))
+            continue
+        try:
+            if policy is None:
+                console.print("loading the model…", style="dim")
+                policy = load_policy()
+            retriever = None
+            if session.agent == "react" and session.index:
+                if session.index not in retrievers:
+                    from ragloop.retrieval import Retriever
+
+                    retrievers[session.index] = Retriever.open(session.index)
+                retriever = retrievers[session.index]
+            spec = session.spec_with()
+            agent = build_agent(policy, spec, retriever=retriever, sandbox=sandbox,
+                                on_event=EventPrinter(console))
+            trace = agent.run(line)
+            session.traces.append(trace)
+        except KeyboardInterrupt:
+            killed = sandbox.cancel()
+            console.print(f"\ncancelled{' (stopped the sandbox)' if killed else ''}", style="yellow")
+        except RagloopError as e:
+            console.print(f"error: {e.message}" + (f" ({e.hint})" if e.hint else ""), style="red", markup=False)
+    return 0

@@ -1,0 +1,245 @@
+"""``ragloop ask | chat | eval``: run an agent once, talk to agents interactively, measure them on benchmarks.
+
+Thin commands: parse options, build an ``AgentSpec`` / ``RunConfig``, call one library function, print.
+``--policy`` takes the models area's specs (``default``, an HF directory, a .gguf file, a checkpoint; also
+``$RAGLOOP_POLICY``); ``scripted:FILE.json`` (a JSON list of responses, or ``{"responses": [...],
+"default": "..."}``) selects the deterministic scripted policy used by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ragloop.core.config import load_config, ragloop_home
+from ragloop.core.errors import DataError, UsageError
+
+POLICY_HELP = "Policy model: default, an HF directory, a .gguf file or a ragloop checkpoint."
+AGENT_HELP = "Agent: react (Thought/Action/Observation), pal (program + sandbox) or cot (chain of thought)."
+
+
+def load_policy_spec(spec: str | None) -> Any:
+    """A policy from a CLI spec (see the module docstring)."""
+    spec = spec or load_config().get("models", {}).get("policy")
+    if spec and spec.startswith("scripted:"):
+        from ragloop.models.scripted import ScriptedPolicy
+
+        path = Path(spec.split(":", 1)[1])
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"cannot read the scripted policy file {path}: {e}") from None
+        if isinstance(data, list):
+            return ScriptedPolicy([str(x) for x in data])
+        if isinstance(data, dict) and isinstance(data.get("responses"), list):
+            return ScriptedPolicy([str(x) for x in data["responses"]], default=data.get("default"))
+        raise UsageError(f"{path}: expected a JSON list of responses or {{'responses': [...]}}")
+    from ragloop.models import load_policy
+
+    return load_policy(spec)
+
+
+def _shared(*parts: str) -> str:
+    from ragloop.agents.prompts import shared_data_dir
+
+    return str(shared_data_dir().joinpath(*parts))
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------------ ask
+def ask_cmd(
+    question: str = typer.Argument(..., help="The question ('-' reads it from stdin)."),
+    agent: str = typer.Option("react", "--agent", "-a", help=AGENT_HELP),
+    index: str | None = typer.Option(None, "--index", "-i", help="Index (path or name) that ReAct searches."),
+    task: str = typer.Option("auto", "--task", help="qa, math or claims (auto: qa with --index, else math)."),
+    shots: int | None = typer.Option(None, "--shots", help="Exemplars in the prompt (0 = zero-shot)."),
+    self_consistency: int = typer.Option(1, "--self-consistency", help="Sample N answers and take the majority."),
+    tools: str = typer.Option("", "--tools", help="Extra ReAct tools, comma-separated: calculator, python."),
+    temperature: float | None = typer.Option(None, "--temperature", "-t", help="Sampling temperature (default greedy)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens per generation."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="ReAct step budget."),
+    prompt_style: str | None = typer.Option(None, "--prompt-style", help="chat or raw (no chat template)."),
+    action_format: str = typer.Option("text", "--action-format", help="ReAct actions: text (Search[...]) or json."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the trace)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole Trace as JSON on stdout."),
+    save: str | None = typer.Option(None, "--save", help="Append the Trace to this JSONL file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; print only the answer."),
+    policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
+) -> None:
+    """Ask one question; the agent reasons (and searches / computes) and answers."""
+    from ragloop.agents.factory import AgentSpec, build_agent
+    from ragloop.agents.repl import EventPrinter, safe_text
+    from ragloop.core.trace import write_traces
+
+    if question == "-":
+        question = sys.stdin.read()
+    if not question.strip():
+        raise UsageError("the question is empty", hint='e.g. ragloop ask "What is 3 * 7?" --agent pal')
+    if task == "auto":
+        task = "qa" if (agent == "react" and index) else "math"
+    tool_names = tuple(t.strip() for t in tools.split(",") if t.strip())
+    if action_format not in ("text", "json"):
+        raise UsageError(f"--action-format must be text or json, got {action_format!r}")
+    spec = AgentSpec(kind=agent, task=task, shots=shots, self_consistency=self_consistency,  # type: ignore[arg-type]
+                     tools=tool_names, temperature=temperature, max_new_tokens=max_new_tokens,
+                     max_steps=max_steps, prompt_style=prompt_style, action_format=action_format,  # type: ignore[arg-type]
+                     seed=seed)
+    retriever = None
+    if index:
+        if agent != "react":
+            raise UsageError(f"--index is for the react agent (got --agent {agent})")
+        from ragloop.retrieval import Retriever
+
+        retriever = Retriever.open(index)
+    pol = load_policy_spec(policy)
+    printer = None if (quiet or as_json) else EventPrinter(_console())
+    trace = build_agent(pol, spec, retriever=retriever, on_event=printer).run(question)
+    if save:
+        write_traces(save, [trace], append=True)
+    if as_json:
+        typer.echo(trace.to_json())
+    elif quiet:
+        typer.echo(safe_text(trace.answer if trace.answer is not None else "(no answer)"))
+
+
+# ----------------------------------------------------------------------------------------------- chat
+def chat_cmd(
+    agent: str = typer.Option("react", "--agent", "-a", help=AGENT_HELP),
+    index: str | None = typer.Option(None, "--index", "-i", help="Index (path or name) that ReAct searches."),
+    policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+) -> None:
+    """Interactive agent REPL: streams tokens, shows Thought / Action / Observation live. /help inside."""
+    from ragloop.agents.repl import ChatSession, run_repl
+
+    if agent not in ("react", "pal", "cot"):
+        raise UsageError(f"unknown agent {agent!r}", hint="choose react, pal or cot")
+    session = ChatSession(agent=agent, index=index, settings={"temperature": temperature, "seed": seed})
+    rc = run_repl(session, lambda: load_policy_spec(policy), history_file=ragloop_home() / "chat_history")
+    raise typer.Exit(rc)
+
+
+# ----------------------------------------------------------------------------------------------- eval
+eval_app = typer.Typer(help="Measure agents on benchmarks (accuracy with a 95% CI, format validity, traces).",
+                       no_args_is_help=True)
+
+
+def _print_report(report: Any, as_json: bool) -> None:
+    d = report.to_dict()
+    lo, hi = d["ci95"]
+    typer.echo(f"{d['task']} · agent={d['agent']} · model={d['model']} · slice={d['slice']} · seed={d['seed']}")
+    typer.echo(f"accuracy {d['accuracy']:.3f} ({d['correct']}/{d['n']}), 95% CI [{lo:.3f}, {hi:.3f}]")
+    ts = "n/a" if d["tool_success"] is None else f"{d['tool_success']:.3f} of {d['tool_calls']} calls"
+    typer.echo(f"format-valid {d['format_valid']:.3f} (strict {d['format_valid_strict']:.3f}) · tool-success {ts} · "
+               f"fallback {d['fallback_rate']:.3f} · {d['seconds_per_question']:.1f} s/question")
+    if d.get("by_gold"):
+        parts = [f"{g}: {v['correct']}/{v['n']}" for g, v in sorted(d["by_gold"].items())]
+        typer.echo("by gold label: " + ", ".join(parts) + " · predicted: " + json.dumps(d["predictions"]))
+    if d.get("traces"):
+        typer.echo(f"traces: {d['traces']}")
+    if as_json:
+        typer.echo(json.dumps(d))
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+
+    def show(i: int, n: int, trace: Any) -> None:
+        mark = "✓" if trace.feedback.correct else "✗"
+        typer.echo(f"[{i}/{n}] {mark} answer={trace.answer!r} gold={trace.feedback.gold!r} ({trace.seconds:.1f}s)",
+                   err=True)
+
+    return show
+
+
+def _default_out(task: str, agent: str, seed: int) -> str:
+    return str(ragloop_home() / "traces" / f"eval-{task}-{agent}-seed{seed}.jsonl")
+
+
+@eval_app.command("gsm8k")
+def eval_gsm8k_cmd(
+    agent: str = typer.Option("pal", "--agent", "-a", help="pal, cot or react (with a calculator)."),
+    data: str | None = typer.Option(None, "--data", help="GSM8K JSONL (default: shared test_dev300.jsonl)."),
+    limit: int | None = typer.Option(None, "--limit", help="Use this many rows (from --offset)."),
+    offset: int = typer.Option(0, "--offset", help="Skip this many rows first."),
+    policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed (decoding is greedy; recorded in every trace)."),
+    out: str | None = typer.Option(None, "--out", help="Traces JSONL (default under ~/.ragloop/traces)."),
+    shots: int | None = typer.Option(None, "--shots", help="Exemplars (default: 8 for PAL/CoT, 4 for ReAct)."),
+    self_consistency: int = typer.Option(1, "--self-consistency", help="Samples per question (majority vote)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens per generation."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="ReAct step budget."),
+    prompt_style: str | None = typer.Option(None, "--prompt-style", help="raw or chat."),
+    fallback: str = typer.Option("cot-sc", "--fallback", help="ReAct fallback: cot-sc or none."),
+    as_json: bool = typer.Option(False, "--json", help="Last line: one JSON object of the figures."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-question progress on stderr."),
+) -> None:
+    """GSM8K accuracy of PAL, CoT or ReAct (greedy, fixed seed); writes the traces."""
+    from ragloop.eval.runners import RunConfig, run_benchmark
+
+    cfg = RunConfig(task="gsm8k", agent=agent, data=data or _shared("gsm8k", "test_dev300.jsonl"),  # type: ignore[arg-type]
+                    limit=limit, offset=offset, seed=seed, out=out or _default_out("gsm8k", agent, seed), shots=shots,
+                    self_consistency=self_consistency, max_new_tokens=max_new_tokens, max_steps=max_steps,
+                    prompt_style=prompt_style, fallback=fallback)  # type: ignore[arg-type]
+    _check_agent(agent)
+    report = run_benchmark(cfg, load_policy_spec(policy), progress=_progress(quiet))
+    _print_report(report, as_json)
+
+
+@eval_app.command("claims")
+def eval_claims_cmd(
+    agent: str = typer.Option("react", "--agent", "-a", help="react (search + lookup) or cot (no retrieval)."),
+    index: str = typer.Option("scifact", "--index", "-i", help="Index of the SciFact corpus (path or name)."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Build the index from this BEIR corpus.jsonl if missing."),
+    data: str | None = typer.Option(None, "--data", help="Claims CSV (default: shared claims_train.csv)."),
+    limit: int | None = typer.Option(None, "--limit", help="Use this many claims (from --offset)."),
+    offset: int = typer.Option(0, "--offset", help="Skip this many claims first."),
+    policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed (decoding is greedy; recorded in every trace)."),
+    out: str | None = typer.Option(None, "--out", help="Traces JSONL (default under ~/.ragloop/traces)."),
+    shots: int | None = typer.Option(None, "--shots", help="Exemplars (default 3, the paper's FEVER prompt)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens per generation."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="ReAct step budget."),
+    prompt_style: str | None = typer.Option(None, "--prompt-style", help="chat or raw."),
+    fallback: str = typer.Option("cot-sc", "--fallback", help="ReAct fallback: cot-sc or none."),
+    as_json: bool = typer.Option(False, "--json", help="Last line: one JSON object of the figures."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-claim progress on stderr."),
+) -> None:
+    """SciFact claim verification (SUPPORTS / REFUTES / NOT ENOUGH INFO) with ReAct over a local index."""
+    from ragloop.eval.runners import RunConfig, ensure_scifact_index, run_benchmark
+
+    if agent not in ("react", "cot"):
+        raise UsageError(f"claims are verified by react or cot, not {agent!r}")
+    if corpus is not None and not Path(corpus).is_file():
+        raise DataError(f"corpus file not found: {corpus}", hint="e.g. --corpus ../shared/data/scifact/corpus.jsonl")
+    retriever = None
+    if agent == "react":
+        retriever = ensure_scifact_index(index, corpus, progress=lambda m: typer.echo(m, err=True))
+    cfg = RunConfig(task="claims", agent=agent, data=data or _shared("scifact", "claims_train.csv"),  # type: ignore[arg-type]
+                    limit=limit, offset=offset, seed=seed, out=out or _default_out("claims", agent, seed), shots=shots,
+                    max_new_tokens=max_new_tokens, max_steps=max_steps, prompt_style=prompt_style,
+                    fallback=fallback, extra_settings={"index": index})  # type: ignore[arg-type]
+    report = run_benchmark(cfg, load_policy_spec(policy), retriever=retriever, progress=_progress(quiet))
+    _print_report(report, as_json)
+
+
+def _check_agent(agent: str) -> None:
+    if agent not in ("react", "pal", "cot"):
+        raise UsageError(f"unknown agent {agent!r}", hint="choose pal, cot or react")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ask")(ask_cmd)
+    app.command("chat")(chat_cmd)
+    app.add_typer(eval_app, name="eval")
