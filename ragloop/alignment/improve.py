@@ -83,7 +83,7 @@ class ImproveConfig:
     teacher: bool = True  # add teacher programs converted from train.jsonl annotations
     teacher_limit: int | None = None  # at most this many teacher rows (None = all that convert)
     sft_method: str = "full"  # "full" | "lora"
-    sft_lr: float | None = None
+    sft_lr: float | None = 1e-4  # full fine-tuning of a 135M model on a new format: short run, higher lr
     sft_batch: int = 8
     sft_max_length: int = 384
     sft_bf16: bool = True

@@ -1,0 +1,253 @@
+"""``ragloop train sft|reward|ppo``, ``ragloop cai revise``, ``ragloop rlaif label``, ``ragloop improve``.
+
+Thin commands: parse the options, build the config, call one library function from ``ragloop.alignment``,
+print a one-line result. Training commands take ``--resume`` (continue exactly from the last checkpoint in
+``--out``). Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ragloop.core.errors import UsageError
+
+train_app = typer.Typer(help="Train the policy (SFT, PPO) or a reward model.", no_args_is_help=True)
+cai_app = typer.Typer(help="Constitutional AI: critique → revision over traces.", no_args_is_help=True)
+rlaif_app = typer.Typer(help="RLAIF: AI preference labels between two responses.", no_args_is_help=True)
+
+POLICY_HELP = "Policy: 'default' (embedded SmolLM2), an HF directory, a .gguf file, or a ragloop checkpoint."
+
+
+def _echo_row(every: int = 10):
+    def show(row: dict[str, Any]) -> None:
+        step = row.get("step", 0)
+        if step == 1 or step % every == 0:
+            parts = [f"{k}={v:.4g}" for k, v in row.items() if k not in ("step", "time") and isinstance(v, float)][:6]
+            typer.echo(f"step {step}: " + " ".join(parts), err=True)
+
+    return show
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UsageError(f"{what} not found: {path}")
+    return path
+
+
+def _budget(minutes: float | None) -> float | None:
+    if minutes is None:
+        return None
+    if minutes <= 0:
+        raise UsageError(f"--budget-minutes must be > 0, got {minutes}")
+    return minutes * 60.0
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+@train_app.command("sft")
+def train_sft(
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, metrics, curves, policy/)."),
+    traces: Path | None = typer.Option(None, "--traces", help="Agent traces (JSONL) to learn from."),
+    data: Path | None = typer.Option(None, "--data", help="SFT rows (JSONL with a 'messages' list)."),
+    policy: str | None = typer.Option(None, "--policy", help=POLICY_HELP),
+    lora: bool = typer.Option(False, "--lora", help="LoRA adapters (merged into the exported policy)."),
+    full: bool = typer.Option(False, "--full", help="Full fine-tuning."),
+    prompt_tuning: bool = typer.Option(False, "--prompt-tuning", help="Soft-prompt tuning (peft)."),
+    all_traces: bool = typer.Option(False, "--all-traces", help="Keep incorrect/unjudged traces too."),
+    epochs: int = typer.Option(1, "--epochs"),
+    max_steps: int | None = typer.Option(None, "--max-steps"),
+    lr: float | None = typer.Option(None, "--lr"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(512, "--max-length", help="Longer rows are dropped and counted."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast."),
+    seed: int = typer.Option(0, "--seed"),
+    budget_minutes: float | None = typer.Option(None, "--budget-minutes"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+) -> None:
+    """Supervised fine-tuning on traces (loss on the model's own tokens only) or on message rows."""
+    from ragloop.alignment.data import filter_traces, load_jsonl_rows, traces_to_sft_rows, validate_sft_rows
+    from ragloop.alignment.sft import SFTConfig, run_sft, sft_report_line
+    from ragloop.core.trace import read_traces
+    from ragloop.models.loading import load_policy
+
+    if (traces is None) == (data is None):
+        raise UsageError("give exactly one of --traces FILE or --data FILE")
+    if sum([lora, full, prompt_tuning]) > 1:
+        raise UsageError("choose one of --lora, --full, --prompt-tuning")
+    method = "full" if full else "prompt" if prompt_tuning else "lora"
+    if traces is not None:
+        ts = read_traces(_existing(traces, "trace file"))
+        if not all_traces:
+            ts = filter_traces(ts)
+        rows, report = traces_to_sft_rows(ts)
+    else:
+        raw, rep0 = load_jsonl_rows(_existing(data, "data file"))
+        rows, report = validate_sft_rows(raw)
+        report.dropped.update(rep0.dropped)
+    typer.echo(f"data: {report.summary()}", err=True)
+    cfg = SFTConfig(out_dir=str(out), method=method, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                    max_length=max_length, bf16=bf16, seed=seed, budget_seconds=_budget(budget_minutes))
+    res = run_sft(cfg, load_policy(policy), rows, resume=resume, progress=_echo_row())
+    typer.echo(sft_report_line(res))
+
+
+@train_app.command("reward")
+def train_reward(
+    pairs: Path = typer.Option(..., "--pairs", help="Preference pairs (JSONL: prompt/chosen/rejected, or HH rows)."),
+    out: Path = typer.Option(..., "--out", help="Run directory; the model is written to OUT/model."),
+    encoder: str | None = typer.Option(None, "--encoder", help="BERT-family encoder dir (default: embedded MiniLM)."),
+    freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the head only."),
+    epochs: int = typer.Option(2, "--epochs"),
+    lr: float | None = typer.Option(None, "--lr"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_length: int = typer.Option(256, "--max-length"),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="The last fraction of rows is held out."),
+    seed: int = typer.Option(0, "--seed"),
+    budget_minutes: float | None = typer.Option(None, "--budget-minutes"),
+    resume: bool = typer.Option(False, "--resume"),
+) -> None:
+    """Train a reward model (encoder + linear head, pairwise loss); prints held-out accuracy and AUC."""
+    from ragloop.alignment.data import load_jsonl_rows, validate_pairs
+    from ragloop.alignment.reward import RewardConfig, train_reward_model
+
+    raw, rep0 = load_jsonl_rows(_existing(pairs, "pairs file"))
+    ps, report = validate_pairs(raw)
+    report.dropped.update(rep0.dropped)
+    typer.echo(f"data: {report.summary()}", err=True)
+    cfg = RewardConfig(out_dir=str(out), encoder=encoder, freeze_backbone=freeze_backbone, epochs=epochs, lr=lr,
+                       batch_size=batch_size, max_length=max_length, test_fraction=test_fraction, seed=seed,
+                       budget_seconds=_budget(budget_minutes))
+    res = train_reward_model(cfg, ps, resume=resume, progress=_echo_row(20))
+    typer.echo(f"reward model: {res.n_train} train / {res.n_test} held-out pairs, held-out accuracy "
+               f"{res.test_accuracy:.3f}, AUC {res.test_auc:.3f} — {res.model_dir}")
+
+
+@train_app.command("ppo")
+def train_ppo(
+    policy: str = typer.Option(..., "--policy", help=POLICY_HELP),
+    prompts: Path = typer.Option(..., "--prompts", help="JSONL: {'prompt': text or messages, 'gold'?: answer}."),
+    out: Path = typer.Option(..., "--out"),
+    reward: Path | None = typer.Option(None, "--reward", help="Reward model directory (train reward --out DIR/model)."),
+    check: str = typer.Option("none", "--check", help="Programmatic reward: 'none' or 'numeric' (rows' gold)."),
+    iterations: int = typer.Option(20, "--iterations"),
+    batch_prompts: int = typer.Option(8, "--batch-prompts"),
+    samples: int = typer.Option(2, "--samples", help="Completions per prompt."),
+    max_new_tokens: int = typer.Option(128, "--max-tokens"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    kl_coef: float = typer.Option(0.05, "--kl-coef"),
+    adaptive_kl: bool = typer.Option(False, "--adaptive-kl"),
+    full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of a LoRA policy."),
+    seed: int = typer.Option(0, "--seed"),
+    budget_minutes: float | None = typer.Option(None, "--budget-minutes"),
+    resume: bool = typer.Option(False, "--resume"),
+) -> None:
+    """PPO against a reward model and/or a programmatic check, with a KL penalty to the starting policy."""
+    from ragloop.alignment.data import load_jsonl_rows
+    from ragloop.alignment.ppo import PPOConfig, PPOItem, make_reward_fn, run_ppo
+    from ragloop.alignment.reward import load_reward_model
+    from ragloop.models.loading import load_policy
+
+    if check not in ("none", "numeric"):
+        raise UsageError(f"--check must be 'none' or 'numeric', got {check!r}")
+    raw, rep = load_jsonl_rows(_existing(prompts, "prompts file"))
+    items = [PPOItem(prompt=r["prompt"], meta={k: v for k, v in r.items() if k != "prompt"})
+             for r in raw if isinstance(r.get("prompt"), str | list) and r["prompt"]]
+    if not items:
+        raise UsageError(f"no usable rows in {prompts}: each line needs a non-empty 'prompt'")
+    if check == "numeric" and any("gold" not in it.meta for it in items):
+        raise UsageError("--check numeric needs a 'gold' field on every prompt row")
+    rm = load_reward_model(_existing(reward, "reward model")) if reward else None
+
+    def numeric(item: PPOItem, completion: str) -> float:
+        from ragloop.eval.metrics import numeric_match
+
+        return 1.0 if numeric_match(completion, str(item.meta["gold"])) == 1.0 else 0.0
+
+    fn = make_reward_fn(reward_model=rm, check=numeric if check == "numeric" else None)
+    cfg = PPOConfig(out_dir=str(out), iterations=iterations, batch_prompts=batch_prompts, samples_per_prompt=samples,
+                    max_new_tokens=max_new_tokens, lr=lr, kl_coef=kl_coef, adaptive_kl=adaptive_kl, lora=not full,
+                    seed=seed, budget_seconds=_budget(budget_minutes))
+    res = run_ppo(cfg, load_policy(policy), items, fn, resume=resume, progress=_echo_row(1))
+    last = res.history[-1] if res.history else {}
+    typer.echo(f"PPO: {res.iterations} iterations, reward {last.get('env/reward_mean', float('nan')):.3f}, "
+               f"KL {last.get('objective/kl', float('nan')):.3f}, {res.rollbacks} rollbacks — {res.policy_dir}")
+
+
+# ------------------------------------------------------------------------------------------- CAI/RLAIF
+
+
+@cai_app.command("revise")
+def cai_revise(
+    traces: Path = typer.Option(..., "--traces", help="Agent traces (JSONL)."),
+    out: Path = typer.Option(..., "--out", help="SFT rows (JSONL) with the revised responses."),
+    policy: str | None = typer.Option(None, "--policy", help="Critic/reviser model. " + POLICY_HELP),
+    principles: str | None = typer.Option(None, "--principles", help="Comma-separated principle ids (default: all)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Critique each trace's response under the constitution and revise it; writes SFT rows."""
+    from ragloop.alignment.cai import load_constitution, revise_traces
+    from ragloop.core.trace import read_traces
+    from ragloop.models.loading import load_policy
+
+    ts = read_traces(_existing(traces, "trace file"))
+    ids = [p.strip() for p in principles.split(",")] if principles else None
+    cons = load_constitution(ids)
+    res = revise_traces(load_policy(policy), ts, cons, out_path=out, seed=seed)
+    typer.echo(f"revised {res.revised} of {res.read} traces ({res.unchanged} unchanged) → {out}")
+
+
+@rlaif_app.command("label")
+def rlaif_label(
+    traces: Path = typer.Option(..., "--traces", help="Agent traces (JSONL); responses to the same question are compared."),
+    out: Path = typer.Option(..., "--out", help="Preference pairs (JSONL)."),
+    judge: str | None = typer.Option(None, "--judge", help="Judge model (default: the embedded policy). " + POLICY_HELP),
+    principle: str | None = typer.Option(None, "--principle", help="Principle id (default: the task's)."),
+    max_pairs: int = typer.Option(200, "--max-pairs"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Ask a judge model which of two responses is better under a principle; writes pairs and agreement."""
+    from ragloop.alignment.cai import label_traces
+    from ragloop.core.trace import read_traces
+    from ragloop.models.loading import load_policy
+
+    ts = read_traces(_existing(traces, "trace file"))
+    res = label_traces(load_policy(judge), ts, out_path=out, principle_id=principle, max_pairs=max_pairs, seed=seed)
+    agree = f", agreement with ground truth {res.agreement:.3f} on {res.n_with_truth}" if res.n_with_truth else ""
+    typer.echo(f"labelled {res.labelled} pairs ({res.undecided} undecided){agree} → {out}")
+
+
+# --------------------------------------------------------------------------------------------- improve
+
+
+def improve(
+    out: Path = typer.Option(..., "--out", help="Output directory (summary.json, table.md, traces/, sft/, rm/, ppo/)."),
+    task: str = typer.Option("gsm8k-pal", "--task", help="gsm8k-pal"),
+    budget_minutes: float = typer.Option(60.0, "--budget-minutes", help="Wall-clock budget for the whole loop."),
+    policy: str | None = typer.Option(None, "--policy", help=POLICY_HELP),
+    eval_n: int = typer.Option(300, "--eval-n", help="First N rows of gsm8k/test_dev300.jsonl (held-out slice)."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="The shared data folder (default ../shared/data)."),
+    no_ppo: bool = typer.Option(False, "--no-ppo"),
+    no_rm: bool = typer.Option(False, "--no-rm"),
+    lora: bool = typer.Option(False, "--lora", help="LoRA SFT instead of full fine-tuning."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The whole loop: baseline eval → collect → filter/critique → SFT → reward model → PPO → eval again."""
+    from ragloop.alignment.improve import ImproveConfig, run_improve
+
+    cfg = ImproveConfig(out_dir=str(out), task=task, budget_minutes=budget_minutes, policy=policy, eval_n=eval_n,
+                        data_dir=str(data_dir) if data_dir else None, ppo=not no_ppo, rm=not no_rm,
+                        sft_method="lora" if lora else "full", seed=seed)
+    summary = run_improve(cfg, progress=lambda msg: typer.echo(msg, err=True))
+    typer.echo(summary["table"])
+    typer.echo(f"final policy: {summary['policy']}  (summary: {out / 'summary.json'})")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(train_app, name="train")
+    app.add_typer(cai_app, name="cai")
+    app.add_typer(rlaif_app, name="rlaif")
+    app.command("improve")(improve)
