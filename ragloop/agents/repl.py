@@ -262,6 +262,7 @@ def run_repl(
     *,
     console: Any = None,
     history_file: Path | None = None,
+    sandbox_seconds: float = 5.0,
 ) -> int:
     """The read-eval-print loop. Returns the exit code (0 after Ctrl-D or /quit)."""
     from prompt_toolkit import PromptSession
@@ -269,7 +270,7 @@ def run_repl(
     from rich.console import Console
 
     from ragloop.agents.factory import build_agent
-    from ragloop.agents.sandbox import Sandbox
+    from ragloop.agents.sandbox import Sandbox, SandboxLimits
 
     console = console or Console(highlight=False)
     history: Any = InMemoryHistory()
@@ -280,7 +281,7 @@ def run_repl(
         except OSError as e:
             log.warning("no input history: %s", e)
     prompt = PromptSession(history=history)
-    sandbox = Sandbox()
+    sandbox = Sandbox(SandboxLimits(wall_seconds=sandbox_seconds, cpu_seconds=max(1, int(sandbox_seconds))))
     policy: Any = None
     retrievers: dict[str, Any] = {}
     console.print("ragloop chat — /help for commands, Ctrl-D to leave", highlight=False)

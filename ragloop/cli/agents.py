@@ -118,6 +118,7 @@ def chat_cmd(
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
+    timeout: float = typer.Option(5.0, "--timeout", help="Wall-clock limit of each sandboxed program, seconds."),
 ) -> None:
     """Interactive agent REPL: streams tokens, shows Thought / Action / Observation live. /help inside."""
     from ragloop.agents.repl import ChatSession, run_repl
@@ -125,7 +126,10 @@ def chat_cmd(
     if agent not in ("react", "pal", "cot"):
         raise UsageError(f"unknown agent {agent!r}", hint="choose react, pal or cot")
     session = ChatSession(agent=agent, index=index, settings={"temperature": temperature, "seed": seed})
-    rc = run_repl(session, lambda: load_policy_spec(policy), history_file=ragloop_home() / "chat_history")
+    if not 0 < timeout <= 3600:
+        raise UsageError(f"--timeout must be in (0, 3600] seconds, got {timeout}")
+    rc = run_repl(session, lambda: load_policy_spec(policy), history_file=ragloop_home() / "chat_history",
+                  sandbox_seconds=timeout)
     raise typer.Exit(rc)
 
 
