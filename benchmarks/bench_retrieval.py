@@ -63,7 +63,11 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="ragloop-bench-")
     index = args.index or Path(tmp.name) / "scifact"
     t0 = time.perf_counter()
-    summary = index_documents(corpus, index, embedder=embedder, progress=None)
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "embed":
+            print(f"  embedded {done}/{total} chunks, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    summary = index_documents(corpus, index, embedder=embedder, progress=progress)
     print(f"indexed {summary.documents} docs / {summary.chunks} chunks ({summary.chunks_embedded} embedded, "
           f"precision {embedder.precision}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 

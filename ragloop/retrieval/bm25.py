@@ -62,11 +62,61 @@ class BM25Tokenizer:
 
 def build_bm25(texts: Sequence[str], config: BM25Config) -> Any:
     """A bm25s model over ``texts``; row i is document i."""
+    return build_bm25_from_tokens(BM25Tokenizer(config)(texts), config)
+
+
+def build_bm25_from_tokens(tokens: Sequence[list[str]], config: BM25Config) -> Any:
+    """A bm25s model over already tokenized documents (``BM25Tokenizer`` output); row i is document i."""
+    vocab: dict[str, int] = {}
+    ids = [[vocab.setdefault(t, len(vocab)) for t in doc] for doc in tokens]
+    model = _VectorisedBM25(k1=config.k1, b=config.b, method=config.method)
+    model.index((ids, vocab), show_progress=False)
+    return model
+
+
+def _bm25_class() -> Any:
     import bm25s
 
-    model = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
-    model.index(BM25Tokenizer(config)(texts), show_progress=False)
-    return model
+    class VectorisedBM25(bm25s.BM25):
+        """bm25s with the score matrix built by numpy instead of a Python loop per document.
+
+        ``build_index_from_ids`` is bm25s's documented override point; this version computes the same
+        matrix (checked against bm25s in the tests) ~5x faster, which keeps incremental re-indexing of a
+        corpus like SciFact within a couple of seconds. The saved files are plain bm25s files.
+        """
+
+        def build_index_from_ids(self, unique_token_ids: Any, corpus_token_ids: Any, show_progress: bool = True,
+                                 leave_progress: bool = False) -> dict[str, Any]:
+            if self.method in self.methods_requiring_nonoccurrence:  # BM25L / BM25+: keep bm25s's own path
+                return super().build_index_from_ids(unique_token_ids, corpus_token_ids, show_progress, leave_progress)
+            import itertools
+
+            import scipy.sparse as sp
+            from bm25s.scoring import _select_idf_scorer, _select_tfc_scorer
+
+            n_docs, n_vocab = len(corpus_token_ids), len(unique_token_ids)
+            lengths = np.fromiter(map(len, corpus_token_ids), dtype=np.int64, count=n_docs)  # (N,)
+            flat = np.fromiter(itertools.chain.from_iterable(corpus_token_ids), dtype=np.int64,
+                               count=int(lengths.sum()))  # (T,)
+            docs = np.repeat(np.arange(n_docs, dtype=np.int64), lengths)  # (T,)
+            pairs, tf = np.unique(docs * max(n_vocab, 1) + flat, return_counts=True)  # (P,) distinct (doc, term)
+            doc_idx, term_idx = pairs // max(n_vocab, 1), pairs % max(n_vocab, 1)
+            df = np.bincount(term_idx, minlength=n_vocab)  # (V,) documents containing each term
+            idf_fn = _select_idf_scorer(self.idf_method or self.method)
+            idf = np.array([idf_fn(int(d), N=n_docs) if d else 0.0 for d in df], dtype=self.dtype)  # (V,)
+            tfc = _select_tfc_scorer(self.method)(tf_array=tf.astype(self.dtype), l_d=lengths[doc_idx],
+                                                  l_avg=lengths.mean() if n_docs else 0.0, k1=self.k1, b=self.b,
+                                                  delta=self.delta)
+            self.nonoccurrence_array = None
+            m = sp.csc_matrix(((idf[term_idx] * tfc).astype(self.dtype), (doc_idx, term_idx)),
+                              shape=(n_docs, n_vocab), dtype=self.dtype)
+            return {"data": m.data, "indices": m.indices, "indptr": m.indptr, "num_docs": n_docs}
+
+    return VectorisedBM25
+
+
+def _VectorisedBM25(**kwargs: Any) -> Any:  # noqa: N802 - a class factory (bm25s is imported lazily)
+    return _bm25_class()(**kwargs)
 
 
 def bm25_files(model: Any) -> dict[str, bytes]:

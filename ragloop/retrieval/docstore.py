@@ -5,6 +5,8 @@ the store can hash it and write it through its crash-safe path; readers deserial
 database, which keeps their snapshot intact even after the generation directory is garbage-collected.
 
 Row ``r`` of table ``chunks`` is vector ``r`` of the FAISS index and document ``r`` of the BM25 index.
+Each chunk also keeps its BM25 tokens (space-joined stems), so an incremental update re-tokenizes only the
+chunks that changed. Metadata may travel as its JSON text (``str``) to skip a parse/serialise round trip.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from ragloop.core.errors import IndexStoreError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,7 +38,8 @@ CREATE TABLE chunks (
     doc_id TEXT NOT NULL REFERENCES documents(doc_id),
     ordinal INTEGER NOT NULL,
     text TEXT NOT NULL,
-    metadata TEXT NOT NULL
+    metadata TEXT NOT NULL,
+    bm25_tokens TEXT NOT NULL
 );
 CREATE INDEX chunks_doc ON chunks(doc_id, ordinal);
 """
@@ -51,7 +54,7 @@ class DocumentRecord:
     title: str
     content_hash: str
     text: str
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] | str = field(default_factory=dict)  # a str is already JSON
     n_chunks: int = 0
 
 
@@ -64,7 +67,12 @@ class ChunkRecord:
     doc_id: str
     ordinal: int
     text: str
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] | str = field(default_factory=dict)  # a str is already JSON
+    bm25_tokens: str = ""  # space-joined BM25 tokens of ``text``
+
+
+def _json(m: dict[str, Any] | str) -> str:
+    return m if isinstance(m, str) else json.dumps(m, ensure_ascii=False)
 
 
 def build_docstore(documents: Sequence[DocumentRecord], chunks: Sequence[ChunkRecord]) -> bytes:
@@ -75,13 +83,11 @@ def build_docstore(documents: Sequence[DocumentRecord], chunks: Sequence[ChunkRe
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         conn.executemany(
             "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(d.doc_id, d.source, d.title, d.content_hash, d.text, json.dumps(d.metadata, ensure_ascii=False),
-              d.n_chunks) for d in documents],
+            [(d.doc_id, d.source, d.title, d.content_hash, d.text, _json(d.metadata), d.n_chunks) for d in documents],
         )
         conn.executemany(
-            "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-            [(c.row, c.chunk_id, c.doc_id, c.ordinal, c.text, json.dumps(c.metadata, ensure_ascii=False))
-             for c in chunks],
+            "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(c.row, c.chunk_id, c.doc_id, c.ordinal, c.text, _json(c.metadata), c.bm25_tokens) for c in chunks],
         )
         conn.commit()
         return bytes(conn.serialize())
@@ -137,8 +143,8 @@ class DocStore:
 
     # -- reads ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _chunk(row: tuple[Any, ...]) -> ChunkRecord:
-        return ChunkRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+    def _chunk(row: tuple[Any, ...], parse: bool = True) -> ChunkRecord:
+        return ChunkRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]) if parse else row[5], row[6])
 
     def chunks_by_rows(self, rows: Sequence[int]) -> dict[int, ChunkRecord]:
         out: dict[int, ChunkRecord] = {}
@@ -157,21 +163,21 @@ class DocStore:
         q = "SELECT * FROM chunks WHERE doc_id = ? ORDER BY ordinal"
         return [self._chunk(r) for r in self._conn.execute(q, (doc_id,))]
 
-    def all_chunks(self) -> Iterator[ChunkRecord]:
+    def all_chunks(self, *, parse_metadata: bool = True) -> Iterator[ChunkRecord]:
         for r in self._conn.execute("SELECT * FROM chunks ORDER BY row"):
-            yield self._chunk(r)
+            yield self._chunk(r, parse_metadata)
 
     @staticmethod
-    def _doc(r: tuple[Any, ...]) -> DocumentRecord:
-        return DocumentRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])
+    def _doc(r: tuple[Any, ...], parse: bool = True) -> DocumentRecord:
+        return DocumentRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if parse else r[5], r[6])
 
     def document(self, doc_id: str) -> DocumentRecord | None:
         r = self._conn.execute("SELECT * FROM documents WHERE doc_id = ?", (doc_id,)).fetchone()
         return self._doc(r) if r else None
 
-    def documents(self) -> Iterator[DocumentRecord]:
+    def documents(self, *, parse_metadata: bool = True) -> Iterator[DocumentRecord]:
         for r in self._conn.execute("SELECT * FROM documents ORDER BY doc_id"):
-            yield self._doc(r)
+            yield self._doc(r, parse_metadata)
 
     def document_hashes(self) -> dict[str, str]:
         """doc_id -> content hash (what incremental indexing compares)."""

@@ -346,6 +346,14 @@ def _update_locked(
     chunk_records: list[ChunkRecord] = []
     vec_rows: list[np.ndarray] = []
     new_by_id = {d.doc_id: d for d in new_docs}
+    kept_docs: dict[str, DocumentRecord] = {}
+    kept_chunks: dict[str, list[ChunkRecord]] = {}
+    if old is not None and kept_old:  # one scan of each table (not two queries per document)
+        keep = set(kept_old)
+        kept_docs = {d.doc_id: d for d in old.docstore.documents(parse_metadata=False) if d.doc_id in keep}
+        for c in old.docstore.all_chunks(parse_metadata=False):
+            if c.doc_id in keep:
+                kept_chunks.setdefault(c.doc_id, []).append(c)
     for doc_id in sorted(set(kept_old) | set(new_by_id)):
         if doc_id in new_by_id:
             d = new_by_id[doc_id]
@@ -357,10 +365,9 @@ def _update_locked(
                                                  c.metadata))
                 vec_rows.append(vec_of_new[c.chunk_id])
         else:
-            rec = old.docstore.document(doc_id)  # type: ignore[union-attr]
-            assert rec is not None and old_vectors is not None
-            doc_records.append(rec)
-            for c in old.docstore.chunks_of(doc_id):  # type: ignore[union-attr]
+            assert old_vectors is not None
+            doc_records.append(kept_docs[doc_id])
+            for c in sorted(kept_chunks.get(doc_id, []), key=lambda c: c.ordinal):
                 vec_rows.append(old_vectors[c.row])
                 c.row = len(chunk_records)
                 chunk_records.append(c)
@@ -368,6 +375,12 @@ def _update_locked(
     if embedder is not None:
         spec["name"], spec["dimension"] = embedder.name, embedder.dimension
     vectors = np.stack(vec_rows)  # (N, D)
+    # BM25 tokens: carried over for unchanged chunks unless the BM25 tokenisation changed.
+    tokenizer = bm25_mod.BM25Tokenizer(bm25_cfg)
+    same_tokens = old is not None and bm25_mod.BM25Config.from_json(old.manifest.bm25) == bm25_cfg
+    todo = [c for c in chunk_records if not (same_tokens and c.doc_id not in new_by_id)]
+    for c, toks in zip(todo, tokenizer([c.text for c in todo]), strict=True):
+        c.bm25_tokens = " ".join(toks)
     payload = _payload(doc_records, chunk_records, vectors, spec, chunking, faiss_cfg, bm25_cfg)
     number = save_generation(run.root, payload, store_ops)
     summary.generation = f"gen-{number:06d}"
@@ -427,7 +440,7 @@ def _payload(
         VECTORS: faiss_index.serialize(faiss_index.build_faiss(vectors, faiss_cfg)),
         DOCSTORE: build_docstore(docs, chunks),
     }
-    model = bm25_mod.build_bm25([c.text for c in chunks], bm25_cfg)
+    model = bm25_mod.build_bm25_from_tokens([c.bm25_tokens.split() for c in chunks], bm25_cfg)
     for name, data in bm25_mod.bm25_files(model).items():
         files[f"{BM25_DIR}/{name}"] = data
     return GenerationPayload(files=files, embedder=embedder_spec, faiss=asdict(faiss_cfg), chunking=asdict(chunking),

@@ -157,3 +157,22 @@ def test_code_files_use_language_separators():
     doc.metadata["language"] = "python"
     texts = [c.text for c in chunker.chunk(doc)]
     assert texts[0].startswith("def a") and any(t.startswith("def b") for t in texts)
+
+
+def test_vectorised_bm25_equals_bm25s():
+    import bm25s
+
+    from ragloop.retrieval.bm25 import BM25Config, BM25Tokenizer, build_bm25_from_tokens, search_bm25
+
+    texts = ["the cat sat on the mat", "dogs and cats are pets", "a dog chased the cat around the yard",
+             "stock markets fell", "", "cat cat cat"]
+    cfg = BM25Config()
+    tok = BM25Tokenizer(cfg)
+    tokens = tok(texts)
+    ref = bm25s.BM25(k1=cfg.k1, b=cfg.b, method=cfg.method)
+    ref.index(tokens, show_progress=False)
+    ours = build_bm25_from_tokens(tokens, cfg)
+    for q in ("cat", "dog pets", "markets", "cat yard mat"):
+        qt = tok([q])[0]
+        np.testing.assert_allclose(ours.get_scores(qt), ref.get_scores(qt), rtol=1e-6)
+    assert search_bm25(ours, tok, "cat", 3)[0][0] == 5  # "cat cat cat", the shortest with the most cats
