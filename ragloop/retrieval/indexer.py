@@ -148,6 +148,8 @@ def build_index(
     files, problems = discover_files(paths, follow_symlinks=config.follow_symlinks,
                                      include_hidden=config.include_hidden)
     scopes = [display_path(os.path.abspath(os.fspath(p))) for p in paths]
+    own = os.path.abspath(root) + os.sep  # never index the index itself (it may live under a given path)
+    files = [f for f in files if not (os.path.abspath(f) + os.sep).startswith(own)]
 
     def in_scope(doc_id: str) -> bool:
         return any(doc_id == s or doc_id.startswith(s.rstrip("/") + "/") for s in scopes)
@@ -252,6 +254,7 @@ def _update(
     allow_only_removals: bool = False,
 ) -> IndexSummary:
     started = time.perf_counter()
+    _check_target(run.root)
     with writer_lock(run.root):
         old = None
         if read_pointer(run.root) is not None and not config.rebuild:
@@ -262,6 +265,18 @@ def _update(
         finally:
             if old is not None:
                 old.docstore.close()
+
+
+def _check_target(root: Path) -> None:
+    """A new index goes into a missing or empty directory: never litter (or later index) a user's folder."""
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"index path {root} exists and is not a directory", hint="choose another --index")
+    if root.is_dir() and read_pointer(root) is None:
+        strangers = [p.name for p in root.iterdir()
+                     if p.name not in ("LOCK", "CURRENT.tmp") and not p.name.startswith("gen-")]
+        if strangers:
+            raise UsageError(f"{root} is not an index and not empty (it holds {strangers[0]!r}, ...)",
+                             hint="choose a new or empty directory for --index, or a bare name like mydocs")
 
 
 def _update_locked(

@@ -161,3 +161,17 @@ def test_faiss_kinds_search_correctly(tmp_path, kind):
     with Retriever.open(idx, embedder=emb) as r:
         assert r.search(spec["41"], k=1, mode="dense")[0].doc_id == "41"
         assert r.search("changed text entirely", k=1, mode="dense")[0].doc_id == "42"
+
+
+def test_index_target_must_be_new_or_empty_and_is_never_indexed(tmp_path, emb):
+    corpus = write_corpus(tmp_path / "docs")
+    with pytest.raises(UsageError, match="is not an index and not empty"):
+        build_index([corpus], corpus, embedder=emb)  # --index pointing at the documents folder
+    assert not (corpus / "LOCK").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="not a directory"):
+        build_index([corpus], tmp_path / "file", embedder=emb)
+    inside = corpus / "idx"  # an index that lives inside the indexed folder never indexes its own files
+    s1 = build_index([corpus], inside, embedder=emb)
+    s2 = build_index([corpus], inside, embedder=emb)
+    assert s1.documents == s2.documents == 4 and not s2.changed
