@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ragloop.alignment.budget import make_clock
 from ragloop.alignment.collect import _RecordingPolicy, run_agent_batched, score_gsm8k, summarize
 from ragloop.alignment.data import (
     DropReport,
@@ -71,13 +72,14 @@ class ImproveConfig:
     task: str = "gsm8k-pal"
     policy: str | None = None  # policy spec (None = the embedded SmolLM2-135M-Instruct)
     budget_minutes: float = 60.0
+    budget_clock: str = "cpu"  # "cpu": machine-minutes (CPU time ÷ threads, budget.py); "wall": wall time
     seed: int = 0
     data_dir: str | None = None
     eval_n: int = 300  # first rows of test_dev300.jsonl: the held-out slice, the same before and after
     shots: int = 0  # PAL exemplars in the prompt (0: the question and the prefilled `def solution():`)
-    max_new_tokens: int = 160
+    max_new_tokens: int = 128  # teacher program bodies: median 45 tokens, 99th percentile 109
     eval_batch: int = 16
-    collect_questions: int = 32  # training questions sampled with the starting policy
+    collect_questions: int = 16  # training questions sampled with the starting policy
     collect_samples: int = 4  # samples per question
     collect_temperature: float = 0.8
     teacher: bool = True  # add teacher programs converted from train.jsonl annotations
@@ -112,6 +114,8 @@ class ImproveConfig:
             raise ConfigError("budget_minutes must be > 0")
         if self.eval_n < 1 or self.collect_samples < 1:
             raise ConfigError("eval_n and collect_samples must be >= 1")
+        if self.budget_clock not in ("wall", "cpu"):
+            raise ConfigError("budget_clock must be 'wall' or 'cpu'")
         if self.sft_method not in ("full", "lora"):
             raise ConfigError("sft_method must be 'full' or 'lora'")
 
@@ -119,10 +123,11 @@ class ImproveConfig:
 @dataclass
 class _Clock:
     budget: float
+    now: Callable[[], float]
     t0: float
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+        return self.now() - self.t0
 
     def left(self) -> float:
         return self.budget - self.elapsed()
@@ -268,7 +273,9 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
     from ragloop.agents.sandbox import Sandbox
     from ragloop.alignment.sft import SFTConfig, mean_nll, run_sft
 
-    clock = _Clock(cfg.budget_minutes * 60.0, time.perf_counter())
+    now = make_clock(cfg.budget_clock)
+    clock = _Clock(cfg.budget_minutes * 60.0, now, now())
+    wall0 = time.perf_counter()
     say = progress or (lambda msg: log.info(msg))
     out = Path(cfg.out_dir)
     (out / "traces").mkdir(parents=True, exist_ok=True)
@@ -294,7 +301,7 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
         teacher_idx = teacher_idx[: cfg.teacher_limit]
 
     def evaluate(tag: str) -> tuple[dict[str, Any], list[Trace]]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), now()
         traces = [ts[0] for ts in run_agent_batched(make, policy, [r["question"] for r in eval_rows], sandbox=sandbox,
                                                     batch_size=cfg.eval_batch, task="gsm8k")]
         for t, r in zip(traces, eval_rows, strict=True):
@@ -302,6 +309,7 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
         write_traces(out / "traces" / f"eval-{tag}.jsonl", traces)
         s = summarize(traces, seconds=time.perf_counter() - t0).to_dict()
         s["policy"] = policy.name
+        s["budget_seconds"] = round(now() - c0, 1)
         say(f"eval ({tag}): {s['correct']}/{s['n']} correct ({100 * s['accuracy']:.1f}%), "
             f"format valid {100 * s['format_valid']:.1f}%, {s['seconds']:.0f} s")
         return s, traces
@@ -325,14 +333,14 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
 
     # 1. baseline ---------------------------------------------------------------------------------------
     before, _ = evaluate("before")
-    eval_seconds = before["seconds"]
+    eval_seconds = before["budget_seconds"]
     stages["baseline_eval_s"] = eval_seconds
     # 2-3. collect with the starting policy, filter, critique --------------------------------------------
-    t0 = time.perf_counter()
+    t0 = now()
     collected = sample(collect_idx, "start")
     filt = DropReport()
     kept = filter_traces(collected, report=filt)
-    stages["collect_s"] = time.perf_counter() - t0
+    stages["collect_s"] = now() - t0
     stages["filter"] = filt.to_dict()
     # 4. SFT ----------------------------------------------------------------------------------------------
     reserve = 1.25 * eval_seconds + cfg.reserve_seconds  # the final evaluation and the write-up
@@ -354,7 +362,8 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
     say(f"SFT on {len(rows)} rows ({len(self_rows)} own correct traces), budget {sft_budget / 60:.1f} min")
     sft_cfg = SFTConfig(out_dir=str(out / "sft"), method=cfg.sft_method, lr=cfg.sft_lr, batch_size=cfg.sft_batch,
                         max_length=cfg.sft_max_length, bf16=cfg.sft_bf16, seed=cfg.seed, budget_seconds=sft_budget,
-                        save_every=100, warmup_steps=5, name=f"{start_name}-sft", epochs=1)
+                        save_every=100, warmup_steps=5, name=f"{start_name}-sft", epochs=1,
+                        budget_clock=cfg.budget_clock)
     sft_res = run_sft(sft_cfg, policy, _shuffled(rows, cfg.seed), general_rows=general)
     policy.name = f"{start_name}-sft"
     stages["sft"] = {"steps": sft_res.steps, "final_loss": sft_res.final_loss, "stopped_by": sft_res.stopped_by,
@@ -364,7 +373,7 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
     # 5. reward model -------------------------------------------------------------------------------------
     rm_model = None
     if cfg.rm and clock.left() > reserve + 2 * cfg.min_stage_seconds:
-        t0 = time.perf_counter()
+        t0 = now()
         rm_traces = sample(rm_idx, "sft")
         pairs = outcome_pairs(rm_traces + collected)
         gold_programs = {train_rows[i]["question"]: train_rows[i]["answer"] for i in rm_idx + collect_idx}
@@ -380,13 +389,14 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
             rm_budget = max(cfg.min_stage_seconds, cfg.rm_share * train_time)
             rm_res = train_reward_model(RewardConfig(out_dir=str(out / "rm"), freeze_backbone=cfg.rm_freeze_backbone,
                                                      epochs=20 if cfg.rm_freeze_backbone else 1, seed=cfg.seed,
-                                                     budget_seconds=rm_budget, test_fraction=0.2), pairs)
+                                                     budget_seconds=rm_budget, test_fraction=0.2,
+                                                     budget_clock=cfg.budget_clock), pairs)
             stages["rm"] = rm_res.to_dict()
             from ragloop.alignment.reward import load_reward_model
 
             rm_model = load_reward_model(rm_res.model_dir)
             say(f"reward model: {len(pairs)} pairs, held-out accuracy {rm_res.test_accuracy:.3f}")
-        stages["rm_s"] = time.perf_counter() - t0
+        stages["rm_s"] = now() - t0
     # 6. PPO ------------------------------------------------------------------------------------------------
     ppo_budget = clock.left() - reserve
     if cfg.ppo and ppo_budget > cfg.min_stage_seconds:
@@ -406,7 +416,7 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
                                     batch_prompts=cfg.ppo_batch_prompts, samples_per_prompt=cfg.ppo_samples,
                                     max_new_tokens=cfg.max_new_tokens, stop=stops, lr=cfg.ppo_lr,
                                     kl_coef=cfg.ppo_kl_coef, seed=cfg.seed, budget_seconds=ppo_budget,
-                                    name=f"{start_name}-ppo", minibatch_size=4),
+                                    name=f"{start_name}-ppo", minibatch_size=4, budget_clock=cfg.budget_clock),
                           policy, items, reward_fn)
         policy.name = f"{start_name}-ppo"
         last = ppo_res.history[-1] if ppo_res.history else {}
@@ -430,8 +440,9 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
         "task": cfg.task, "slice": f"gsm8k/test_dev300.jsonl rows 0-{len(eval_rows) - 1}",
         "before": before, "after": after, **extra,
         "policy": str(final_policy_dir) if final_policy_dir else None,
-        "start_policy": start_name, "budget_minutes": cfg.budget_minutes,
-        "elapsed_minutes": round(clock.elapsed() / 60, 2), "stages": stages, "config": asdict(cfg),
+        "start_policy": start_name, "budget_minutes": cfg.budget_minutes, "budget_clock": cfg.budget_clock,
+        "elapsed_minutes": round(clock.elapsed() / 60, 2),
+        "wall_minutes": round((time.perf_counter() - wall0) / 60, 2), "stages": stages, "config": asdict(cfg),
     }
     table = _table(before, after, extra)
     summary["table"] = table

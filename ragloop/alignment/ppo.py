@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ragloop.alignment.budget import make_clock
 from ragloop.alignment.checkpoint import (
     capture_rng,
     export_policy,
@@ -110,6 +111,7 @@ class PPOConfig:
     seed: int = 0
     save_every: int = 5  # iterations between checkpoints
     budget_seconds: float | None = None
+    budget_clock: str = "wall"  # "wall" or "cpu" (budget.py)
     export: bool = True
     name: str = ""
 
@@ -356,7 +358,8 @@ def run_ppo(
     logger = MetricsLogger(out, resume_step=it if resume else None)
     gcfg_base = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.samples_per_prompt,
                      stop=list(cfg.stop), logprobs=True)
-    t_start, stopped = time.perf_counter(), "done"
+    clock = make_clock(cfg.budget_clock)
+    t_start, stopped = clock(), "done"
     while it < cfg.iterations:
         t0 = time.perf_counter()
         # ---- rollout ---------------------------------------------------------------------------------
@@ -487,7 +490,7 @@ def run_ppo(
         logged = logger.log(it, row)
         if progress:
             progress(logged)
-        over = cfg.budget_seconds is not None and time.perf_counter() - t_start > cfg.budget_seconds
+        over = cfg.budget_seconds is not None and clock() - t_start > cfg.budget_seconds
         if it % cfg.save_every == 0 or it == cfg.iterations or over:
             save(it)
         if over and it < cfg.iterations:

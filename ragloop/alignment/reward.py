@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ragloop.alignment.budget import make_clock
 from ragloop.alignment.checkpoint import (
     capture_rng,
     latest_checkpoint,
@@ -269,6 +270,7 @@ class RewardConfig:
     save_every: int = 50
     max_nonfinite: int = 3
     budget_seconds: float | None = None
+    budget_clock: str = "wall"  # "wall" or "cpu" (budget.py)
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -349,6 +351,8 @@ def train_reward_model(
     if not train:
         raise DataError("no training pairs left after the held-out split")
     t0 = time.perf_counter()
+    clock = make_clock(cfg.budget_clock)
+    b0 = clock()
     rm = RewardModel.from_encoder(cfg.encoder, pooling=cfg.pooling, max_length=cfg.max_length, seed=cfg.seed)
     _set_trainable(rm, cfg)
     before = evaluate_pairs(rm, test)["accuracy"] if test else float("nan")  # zero head: 0.5 by construction
@@ -419,7 +423,7 @@ def train_reward_model(
                                 "margin": float((rc - rr).detach().mean()), "skipped": guard.skipped})
         if progress:
             progress(row)
-        over = cfg.budget_seconds is not None and time.perf_counter() - t0 > cfg.budget_seconds
+        over = cfg.budget_seconds is not None and clock() - b0 > cfg.budget_seconds
         if step % cfg.save_every == 0 or step == total or over:
             save(step)
         if over:

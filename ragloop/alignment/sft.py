@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ragloop.alignment.budget import make_clock
 from ragloop.alignment.checkpoint import (
     capture_rng,
     export_policy,
@@ -81,6 +82,7 @@ class SFTConfig:
     max_nonfinite: int = 3  # consecutive non-finite steps before aborting
     log_every: int = 1
     budget_seconds: float | None = None  # stop (after a checkpoint) when training time passes this
+    budget_clock: str = "wall"  # "wall" or "cpu" (machine-seconds, see budget.py)
     mix: dict[str, float] | None = None  # weights per row source for multi-task mixing
     mix_total: int | None = None  # rows drawn when mixing (default: as many as given)
     eval_batch_size: int = 8
@@ -107,6 +109,7 @@ class SFTConfig:
             (self.max_nonfinite >= 1, "max_nonfinite must be >= 1"),
             (self.budget_seconds is None or self.budget_seconds > 0, "budget_seconds must be > 0"),
             (self.schedule in ("constant", "cosine"), "schedule must be 'constant' or 'cosine'"),
+            (self.budget_clock in ("wall", "cpu"), "budget_clock must be 'wall' or 'cpu'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -378,7 +381,9 @@ def run_sft(
             out_b.append(gb[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] or gb[: cfg.batch_size])
         return out_b
 
+    clock = make_clock(cfg.budget_clock)
     t_start, tokens_seen, last_loss, stopped = time.perf_counter(), 0, None, "done"
+    b_start = clock()
     history: list[dict[str, Any]] = []
     while step < planned:
         t0 = time.perf_counter()
@@ -415,15 +420,16 @@ def run_sft(
         step += 1
         dt = time.perf_counter() - t0
         elapsed = time.perf_counter() - t_start
+        spent = clock() - b_start
         if cfg.budget_seconds and step == 3 and not resume:
-            horizon = max(step, min(planned, int(cfg.budget_seconds / max(1e-6, elapsed / step))))
+            horizon = max(step, min(planned, int(cfg.budget_seconds / max(1e-6, spent / step))))
         row = {"loss": step_loss if ok else float("nan"), "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
                "tokens_per_s": tokens_seen / max(1e-9, elapsed), "step_seconds": dt, "skipped": guard.skipped}
         if logger and (step % cfg.log_every == 0 or step == planned):
             history.append(logger.log(step, row))
             if progress:
                 progress(history[-1])
-        budget_hit = cfg.budget_seconds is not None and elapsed >= cfg.budget_seconds
+        budget_hit = cfg.budget_seconds is not None and spent >= cfg.budget_seconds
         if step % cfg.save_every == 0 or step == planned or budget_hit:
             checkpoint(step)
         if budget_hit and step < planned:

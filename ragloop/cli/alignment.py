@@ -226,7 +226,10 @@ def rlaif_label(
 def improve(
     out: Path = typer.Option(..., "--out", help="Output directory (summary.json, table.md, traces/, sft/, rm/, ppo/)."),
     task: str = typer.Option("gsm8k-pal", "--task", help="gsm8k-pal"),
-    budget_minutes: float = typer.Option(60.0, "--budget-minutes", help="Wall-clock budget for the whole loop."),
+    budget_minutes: float = typer.Option(60.0, "--budget-minutes", help="Budget for the whole loop (see --budget-clock)."),
+    budget_clock: str = typer.Option("cpu", "--budget-clock",
+                                     help="'cpu': machine-minutes = CPU time ÷ torch threads (fair on a shared "
+                                          "machine); 'wall': wall-clock minutes."),
     policy: str | None = typer.Option(None, "--policy", help=POLICY_HELP),
     eval_n: int = typer.Option(300, "--eval-n", help="First N rows of gsm8k/test_dev300.jsonl (held-out slice)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="The shared data folder (default ../shared/data)."),
@@ -238,7 +241,8 @@ def improve(
     """The whole loop: baseline eval → collect → filter/critique → SFT → reward model → PPO → eval again."""
     from ragloop.alignment.improve import ImproveConfig, run_improve
 
-    cfg = ImproveConfig(out_dir=str(out), task=task, budget_minutes=budget_minutes, policy=policy, eval_n=eval_n,
+    cfg = ImproveConfig(out_dir=str(out), task=task, budget_minutes=budget_minutes, budget_clock=budget_clock,
+                        policy=policy, eval_n=eval_n,
                         data_dir=str(data_dir) if data_dir else None, ppo=not no_ppo, rm=not no_rm,
                         sft_method="lora" if lora else "full", seed=seed)
     summary = run_improve(cfg, progress=lambda msg: typer.echo(msg, err=True))

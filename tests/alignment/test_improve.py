@@ -19,7 +19,7 @@ def test_improve_smoke_one_minute(smol_tokenizer, tiny_model_factory, tmp_path):
                         eval_batch=4, collect_questions=2, collect_samples=2, teacher_limit=24, rm_questions=2,
                         sft_batch=4, sft_max_length=320, sft_lr=1e-3, ppo_batch_prompts=2, ppo_samples=2,
                         ppo_max_iterations=2, general_n=2, min_stage_seconds=1.0,
-                        reserve_seconds=2.0)
+                        reserve_seconds=2.0, budget_clock="wall")
     summary = run_improve(cfg, policy=policy)
     out = tmp_path / "improve"
     on_disk = json.loads((out / "summary.json").read_text())
