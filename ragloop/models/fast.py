@@ -31,25 +31,23 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from ragloop.core.errors import ContextWindowError, UsageError
+from ragloop.models.fast_attention import (
+    decode_attention,
+    prefill_bias,
+    repeated_rows,
+    shared_prefix_decode_attention,
+)
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
-
-
-class Stepper(Protocol):
-    """What the decode loop needs: a prefill and a one-token step, both returning last-position logits."""
-
-    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.Tensor: ...
-
-    def step(self, next_ids: torch.LongTensor) -> torch.Tensor: ...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,7 +211,12 @@ def _extract_layers(model: torch.nn.Module, precision: str, batch_hint: int) -> 
 
 
 class FastStepper:
-    """Prefill + one-token steps over a static KV cache. Not thread-safe; one generation at a time."""
+    """Prefill + one-token steps over a preallocated KV cache. Not thread-safe; one decode at a time.
+
+    When a prefill's rows come in blocks of ``n`` identical prompts (``n`` candidates per prompt, the
+    layout of ``DecodeRun``) and ``share_prompts`` is on, each prompt is run and cached once and its rows
+    attend to it through ``shared_prefix_decode_attention``; otherwise every row has its own cache.
+    """
 
     def __init__(
         self,
@@ -223,6 +226,7 @@ class FastStepper:
         max_batch: int = 16,
         max_seq_len: int | None = None,
         reserve: int = 256,
+        share_prompts: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -233,6 +237,7 @@ class FastStepper:
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or s.max_positions)
         self.reserve = max(1, int(reserve))  # cache slots allocated beyond the prompt; doubled when full
+        self.share_prompts = share_prompts
         with torch.no_grad():
             self.embed = model.model.embed_tokens.weight.detach().float()  # (V, D), shared, not copied
             self.layers = _extract_layers(model, precision, batch_hint=1)
@@ -243,11 +248,16 @@ class FastStepper:
             self.rope_scale = float(getattr(rope, "attention_scaling", 1.0))
         self.scale = 1.0 / math.sqrt(s.head_dim)
         self._cos = self._sin = None  # (P, hd) tables, grown on demand
-        self._k: list[torch.Tensor] = []  # per layer (B, KV, S, hd)
+        self._k: list[torch.Tensor] = []  # per layer (B, KV, S, hd): prompt + generated, or generated only
         self._v: list[torch.Tensor] = []
-        self._mask: torch.Tensor | None = None  # (B, S) additive: 0 valid, -inf padding
+        self._bias: torch.Tensor | None = None  # (B, S) additive: 0 valid, -inf padding (unshared only)
+        self._kp: list[torch.Tensor] = []  # per layer (U, KV, T, hd): the U distinct prompts (shared only)
+        self._vp: list[torch.Tensor] = []
+        self._bias_p: torch.Tensor | None = None  # (U, T)
+        self._n = 1  # rows per distinct prompt (1: no sharing)
+        self._prompt_len = 0  # T
         self._pos: torch.Tensor | None = None  # (B,) position of the next token
-        self._len = 0  # slots filled
+        self._len = 0  # slots of self._k filled
         self._batch = 0
 
     # -- tables and cache ---------------------------------------------------------------------------------
@@ -265,43 +275,43 @@ class FastStepper:
             self._sin = emb.sin() * self.rope_scale * sign
         return self._cos, self._sin
 
-    def _alloc(self, batch: int, capacity: int) -> None:
+    def _zeros(self, rows: int, slots: int) -> list[torch.Tensor]:
         s = self.shape
-        self._k = [torch.zeros(batch, s.num_kv_heads, capacity, s.head_dim) for _ in range(s.num_layers)]
-        self._v = [torch.zeros(batch, s.num_kv_heads, capacity, s.head_dim) for _ in range(s.num_layers)]
-        self._mask = torch.zeros(batch, capacity)
+        return [torch.zeros(rows, s.num_kv_heads, slots, s.head_dim) for _ in range(s.num_layers)]
 
-    def _grow(self, need: int) -> None:
-        cap = self._k[0].shape[2]
+    def _grow(self) -> None:
+        """Make room for one more token in ``self._k``/``self._v`` (doubling), within max_seq_len."""
+        cap, need = self._k[0].shape[2], self._len + 1
         if need <= cap:
             return
-        if need > self.max_seq_len:
+        before = self._prompt_len if self._n > 1 else 0  # prompt slots held outside self._k
+        if before + need > self.max_seq_len:
             raise ContextWindowError(
-                f"the sequence reached {need} tokens, more than max_seq_len={self.max_seq_len}",
+                f"the sequence reached {before + need} tokens, more than max_seq_len={self.max_seq_len}",
                 hint="ask for fewer new tokens or use a shorter prompt",
             )
-        new_cap = min(max(need, 2 * cap), self.max_seq_len)
-        b = self._batch
-        old_k, old_v, old_m = self._k, self._v, self._mask
-        self._alloc(b, new_cap)
+        new_cap = min(max(need, 2 * cap), self.max_seq_len - before)
+        old_k, old_v = self._k, self._v
+        self._k, self._v = self._zeros(self._batch, new_cap), self._zeros(self._batch, new_cap)
         for dst, src in zip(self._k + self._v, old_k + old_v, strict=True):
             dst[:, :, :cap].copy_(src)
-        self._mask[:, :cap].copy_(old_m)
+        if self._bias is not None:
+            self._bias = torch.cat([self._bias, self._bias.new_zeros(self._batch, new_cap - cap)], dim=1)
 
     # -- forward ------------------------------------------------------------------------------------------
 
-    def _forward(
-        self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, start: int
-    ) -> torch.Tensor:
-        """Run ids (B, T) at positions pos (B, T), writing cache slots [start, start+T); logits (B, V) of the
-        last position. ``mask`` (B, 1, T, start+T) is additive (0 or -inf)."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attend) -> torch.Tensor:
+        """ids (B, T) at positions pos (B, T) → logits (B, V) of the last position.
+
+        ``attend(i, q, k, v)`` does layer ``i``'s cache write and attention: q (B, T, H, hd) and k
+        (B, T, KV, hd) after RoPE, v (B, T, KV, hd) → (B, T, H*hd).
+        """
         s = self.shape
         B, T = ids.shape
         H, KV, hd, D = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
         cos_t, sin_t = self._rope_tables(int(pos.max()) + 1)
         cos = cos_t[pos].unsqueeze(2)  # (B, T, 1, hd)
-        sin = sin_t[pos].unsqueeze(2)  # (B, T, 1, hd), sign folded in: rotate_half(x)*sin == roll(x)*sin
-        end = start + T
+        sin = sin_t[pos].unsqueeze(2)  # (B, T, 1, hd), sign folded in
         x = self.embed[ids]  # (B, T, D) fp32 residual stream
         eps = s.rms_eps
         for i, layer in enumerate(self.layers):
@@ -309,18 +319,52 @@ class FastStepper:
             qkv = layer.qkv(h).view(B, T, H + 2 * KV, hd)  # (B, T, H+2KV, hd)
             qk = qkv[:, :, : H + KV].float()  # (B, T, H+KV, hd)
             qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # RoPE on q and k at once
-            kc, vc = self._k[i], self._v[i]
-            kc[:, :, start:end] = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, hd)
-            vc[:, :, start:end] = qkv[:, :, H + KV :].transpose(1, 2)
-            y = F.scaled_dot_product_attention(
-                qk[:, :, :H].transpose(1, 2), kc[:, :, :end], vc[:, :, :end], attn_mask=mask, enable_gqa=True
-            )  # (B, H, T, hd)
-            x = x + layer.o(y.transpose(1, 2).reshape(B, T, H * hd))
+            y = attend(i, qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :])  # (B, T, H*hd)
+            x = x + layer.o(y)
             h = F.rms_norm(x, (D,), layer.ln2, eps)
             g, u = layer.gate_up(h).chunk(2, dim=-1)  # (B, T, I) each
             x = x + layer.down(F.silu(g) * u)
         h = F.rms_norm(x[:, -1], (D,), self.norm, eps)  # (B, D)
         return self.lm_head(h).float()  # (B, V)
+
+    def _prefill_attend(self, kcache: list[torch.Tensor], vcache: list[torch.Tensor], bias: torch.Tensor):
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            B, T = q.shape[:2]
+            kc, vc = kcache[i], vcache[i]
+            kc[:, :, :T] = k.transpose(1, 2)  # (B, KV, T, hd)
+            vc[:, :, :T] = v.transpose(1, 2)
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), kc[:, :, :T], vc[:, :, :T], attn_mask=bias, enable_gqa=True
+            )  # (B, H, T, hd)
+            return y.transpose(1, 2).reshape(B, T, -1)
+
+        return attend
+
+    def _step_attend(self):
+        slot, end = self._len, self._len + 1
+        if self._n > 1:
+            bias_p = self._bias_p
+
+            def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                kc, vc = self._k[i], self._v[i]
+                kc[:, :, slot:end] = k.transpose(1, 2)  # (B, KV, 1, hd)
+                vc[:, :, slot:end] = v.transpose(1, 2)
+                return shared_prefix_decode_attention(
+                    q[:, 0], self._kp[i], self._vp[i], bias_p, kc[:, :, :end], vc[:, :, :end], self.scale
+                )
+
+            return attend
+        bias = self._bias[:, None, None, :end]  # (B, 1, 1, S)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = self._k[i], self._v[i]
+            kc[:, :, slot:end] = k.transpose(1, 2)
+            vc[:, :, slot:end] = v.transpose(1, 2)
+            return decode_attention(q[:, 0], kc[:, :, :end], vc[:, :, :end], bias, self.scale)
+
+        return attend
+
+    # -- the two calls of the Stepper protocol --------------------------------------------------------------
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.Tensor:
@@ -331,27 +375,39 @@ class FastStepper:
                 f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
             )
         B, T = input_ids.shape
+        if B < 1 or T < 1:
+            raise UsageError("prefill needs at least one prompt of at least one token")
         if B > self.max_batch:
             raise UsageError(f"batch {B} exceeds max_batch={self.max_batch}", hint="split the batch")
-        if T < 1:
-            raise UsageError("prefill needs at least one prompt token")
         if T > self.max_seq_len:
             raise ContextWindowError(f"the prompt has {T} tokens, more than max_seq_len={self.max_seq_len}")
         am = attention_mask.to(torch.bool)
         if not bool(am[:, -1].all()):
             raise UsageError("prompts must be LEFT-padded: the last position of every row must be a token")
-        self._batch = B
-        self._alloc(B, min(self.max_seq_len, T + self.reserve))
-        self._mask[:, :T].masked_fill_(~am, float("-inf"))
-        # positions as HF generate: cumulative count of real tokens - 1 (padding gets 1, unused)
-        pos = (am.long().cumsum(-1) - 1).clamp_min(0)  # (B, T)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
-        # a padding query attends to itself only, so no row is all -inf (no NaN from softmax)
-        allowed = (causal[None] & am[:, None, :]) | torch.eye(T, dtype=torch.bool)[None]  # (B, T, T)
-        mask = torch.zeros(B, 1, T, T).masked_fill_(~allowed[:, None], float("-inf"))
-        logits = self._forward(input_ids, pos, mask, 0)
-        self._len = T
-        self._pos = pos[:, -1] + 1  # (B,)
+        n = repeated_rows(input_ids, attention_mask) if self.share_prompts else 1
+        ids, am = (input_ids[::n], am[::n]) if n > 1 else (input_ids, am)  # (R, T), R = B / n distinct rows
+        R = ids.shape[0]
+        pos = (am.long().cumsum(-1) - 1).clamp_min(0)  # (R, T) as model.generate: real tokens count from 0
+        bias = torch.zeros(R, T).masked_fill_(~am, float("-inf"))  # (R, T)
+        # release the previous decode's cache before allocating this one
+        self._k = self._v = self._kp = self._vp = []
+        self._bias = self._bias_p = None
+        self._batch, self._n, self._prompt_len = B, n, T
+        if n > 1:
+            self._kp, self._vp = self._zeros(R, T), self._zeros(R, T)
+            self._bias_p = bias
+            attend = self._prefill_attend(self._kp, self._vp, prefill_bias(am))
+            logits = self._forward(ids, pos, attend).repeat_interleave(n, dim=0)  # (B, V)
+            cap = min(self.reserve, self.max_seq_len - T)
+            self._k, self._v = self._zeros(B, cap), self._zeros(B, cap)
+            self._len = 0
+        else:
+            cap = min(self.max_seq_len, T + self.reserve)
+            self._k, self._v = self._zeros(B, cap), self._zeros(B, cap)
+            self._bias = torch.cat([bias, bias.new_zeros(B, cap - T)], dim=1)  # (B, cap)
+            logits = self._forward(ids, pos, self._prefill_attend(self._k, self._v, prefill_bias(am)))
+            self._len = T
+        self._pos = (pos[:, -1] + 1).repeat_interleave(n)  # (B,)
         return logits
 
     @torch.inference_mode()
@@ -361,9 +417,8 @@ class FastStepper:
             raise UsageError("step() called before prefill()")
         if next_ids.shape != (self._batch,):
             raise UsageError(f"step needs ({self._batch},) token ids, got {tuple(next_ids.shape)}")
-        self._grow(self._len + 1)
-        end = self._len + 1
-        logits = self._forward(next_ids[:, None], self._pos[:, None], self._mask[:, None, None, :end], self._len)
+        self._grow()
+        logits = self._forward(next_ids[:, None], self._pos[:, None], self._step_attend())
         self._len += 1
         self._pos = self._pos + 1
         return logits
@@ -376,6 +431,16 @@ def make_stepper(
     max_batch: int = 16,
     max_seq_len: int | None = None,
 ) -> FastStepper:
-    """A ``FastStepper`` over ``model``'s weights; raises UsageError (a ValueError-like RagloopError) if the
-    model is not a supported Llama-family CPU model — the caller then falls back to the HF stepper."""
-    return FastStepper(model, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len)
+    """A ``FastStepper`` over ``model``'s weights (a ``ragloop.models.decoding.Stepper``).
+
+    ``precision``: "fp32" (same function as the HF model), "bf16" or "int8" (matmul weights only).
+    ``max_batch`` rows at most per prefill; ``max_seq_len`` tokens (prompt + generated) at most per row
+    (default: the model's ``max_position_embeddings``). The KV cache is sized per prefill, so these are
+    limits, not allocations. Raises ``UsageError`` (a ``RagloopError``) for a model or setting it does not
+    support — the caller then falls back to the HF stepper. Building packs a copy of the matmul weights
+    (fp32: the model's size again; bf16: half; int8: a quarter).
+    """
+    t = time.perf_counter()
+    stepper = FastStepper(model, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len)
+    log.debug("fast stepper (%s) built in %.2f s", precision, time.perf_counter() - t)
+    return stepper

@@ -12,6 +12,7 @@ import torch
 
 from ragloop.core.errors import ContextWindowError, UsageError
 from ragloop.models.fast import FastStepper, make_stepper, quantize_int8_per_channel
+from ragloop.models.fast_attention import prefill_bias, repeated_rows
 
 VOCAB = 512
 
@@ -115,6 +116,36 @@ def test_cache_grows_past_its_first_allocation(tiny):
     assert stepper._k[0].shape[2] > ids.shape[1] + 2
     for a, b in zip(fast, _reference(tiny, ids, mask, chosen), strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reserve", [256, 3])
+def test_shared_prompt_rows_equal_unshared_rows(tiny, reserve):
+    """n candidates per prompt (rows i*n + j) share one prompt cache; logits match per-row caches."""
+    n = 3
+    rows = [p for p in PROMPTS[:2] for _ in range(n)]  # 2 prompts x 3 candidates, left-padded
+    ids, mask = _left_pad(rows)
+    g = torch.Generator().manual_seed(0)
+    feed = [torch.randint(3, VOCAB, (len(rows),), generator=g) for _ in range(8)]  # rows diverge
+    shared = FastStepper(tiny, reserve=reserve)
+    got, _ = _run(shared, ids, mask, steps=8, feed=feed)
+    assert shared._n == n and shared._kp[0].shape[0] == 2
+    want, _ = _run(FastStepper(tiny, share_prompts=False), ids, mask, steps=8, feed=feed)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got[-1], _reference(tiny, ids, mask, feed)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_repeated_rows_and_prefill_bias_on_literals():
+    ones = torch.ones(4, 2, dtype=torch.long)
+    assert repeated_rows(torch.tensor([[1, 2], [1, 2], [3, 4], [3, 4]]), ones) == 2
+    assert repeated_rows(torch.tensor([[1, 2], [1, 2], [1, 2], [1, 2]]), ones) == 4
+    assert repeated_rows(torch.tensor([[1, 2], [1, 2], [1, 2], [3, 4]]), ones) == 1  # 3 + 1: no blocks
+    assert repeated_rows(torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]]), ones) == 1
+    same_ids = torch.tensor([[0, 2], [0, 2]])
+    assert repeated_rows(same_ids, torch.tensor([[0, 1], [1, 1]])) == 1  # same ids, different padding
+    bias = prefill_bias(torch.tensor([[0, 1, 1]]))[0, 0]
+    inf = float("-inf")
+    assert bias.tolist() == [[0.0, inf, inf], [inf, 0.0, inf], [inf, 0.0, 0.0]]
 
 
 def test_prefill_resets_the_cache(tiny):
