@@ -133,6 +133,7 @@ class SFTResult:
     stopped_by: str = "done"  # "done" | "max_steps" | "budget"
     tokens_per_second: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1  # data-parallel processes (accelerate launch)
 
     @property
     def forgetting(self) -> float | None:
@@ -319,6 +320,8 @@ def run_sft(
 
     accel = _distributed()
     rank, world = (accel.process_index, accel.num_processes) if accel else (0, 1)
+    if accel:
+        log.info("SFT data-parallel over %d processes (rank %d)", world, rank)
     base_model = policy.model
     nll_before = mean_nll(base_model, general, pad_id, batch_size=cfg.eval_batch_size, bf16=cfg.bf16) if general else None
 
@@ -444,14 +447,14 @@ def run_sft(
     result = SFTResult(out_dir=out, policy_dir=None, steps=step, final_loss=last_loss, skipped_steps=guard.skipped,
                        data_report=report.to_dict(), general_nll_before=nll_before, stopped_by=stopped,
                        tokens_per_second=tokens_seen / max(1e-9, elapsed),
-                       history=list(logger.rows) if logger else history)
+                       history=list(logger.rows) if logger else history, world_size=world)
     trained = _finish_model(model, cfg)
     policy.model = trained
     if general:
         result.general_nll_after = mean_nll(trained, general, pad_id, batch_size=cfg.eval_batch_size, bf16=cfg.bf16)
     if rank == 0:
         manifest = run_manifest(config_dict, seed=cfg.seed, data={"sft_examples": data_hash})
-        manifest["result"] = {"steps": step, "final_loss": last_loss, "skipped": guard.skipped,
+        manifest["result"] = {"steps": step, "final_loss": last_loss, "skipped": guard.skipped, "world_size": world,
                               "forgetting_nll": result.forgetting, "data": report.to_dict()}
         if cfg.export and cfg.method != "prompt":
             result.policy_dir = export_policy(trained, tok, out / "policy", name=cfg.name or f"{policy.name}-sft",
@@ -478,6 +481,7 @@ def sft_report_line(res: SFTResult) -> str:
     return (f"SFT: {res.steps} steps, final loss {res.final_loss if res.final_loss is None else round(res.final_loss, 4)}, "
             f"{res.skipped_steps} skipped, {res.tokens_per_second:.0f} tok/s"
             + (f", forgetting ΔNLL {f:+.4f}" if f is not None else "")
+            + (f", data-parallel ×{res.world_size}" if res.world_size > 1 else "")
             + (f" — policy: {res.policy_dir}" if res.policy_dir else ""))
 
 

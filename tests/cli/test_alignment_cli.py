@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,20 @@ def test_subprocess_help_and_error():
     r = subprocess.run([str(exe), "improve", "--task", "nope", "--out", "/tmp/x"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown task") and "Traceback" not in r.stderr
+
+
+@pytest.mark.e2e
+def test_sft_data_parallel_two_processes(tiny_policy_dir, tmp_path):
+    """`accelerate launch` with 2 processes: DDP over gloo on the CPU; both ranks train, rank 0 exports."""
+    data = _write(tmp_path / "rows.jsonl", ROWS)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    ragloop = Path(sys.executable).with_name("ragloop")
+    r = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
+                        str(ragloop), "train", "sft", "--data", str(data), "--policy", str(tiny_policy_dir),
+                        "--out", str(tmp_path / "ddp"), "--lora", "--max-steps", "2", "--batch-size", "2"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("data-parallel ×2") == 2
+    manifest = json.loads((tmp_path / "ddp" / "policy" / "ragloop.json").read_text())
+    assert manifest["run"]["result"]["world_size"] == 2
