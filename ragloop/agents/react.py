@@ -6,7 +6,9 @@ generation stops at ``Observation`` (stop sequences); ``ragloop.agents.parsing``
 (line-anchored, repairs recorded); the tool runs; its output, wrapped in data delimiters on one line,
 becomes ``Observation i``. ``Finish[answer]`` ends the run. A JSON tool-call format is also supported.
 
-Budgets bound every run: steps, tool calls, and generated tokens. When a budget ends without Finish the
+When a step has a thought but no action line, the agent does what the paper's code does: it keeps the
+thought's first line and asks again with ``Action i:`` appended (repair ``action-prompted``; the second
+generation is kept in ``trace.meta["prompted_actions"]``). Budgets bound every run: steps, tool calls, and generated tokens. When a budget ends without Finish the
 agent falls back to CoT with self-consistency (the paper's ReAct → CoT-SC strategy) and marks the Trace
 ``fallback="cot-sc"`` with ``finished=False``.
 
@@ -28,7 +30,7 @@ from typing import Any, Literal
 from ragloop.agents.base import AgentBase, EventHandler, greedy_config, with_changes
 from ragloop.agents.cot import CoTAgent, CoTConfig
 from ragloop.agents.docsearch import RetrieverBackend, SearchBackend, document_tools
-from ragloop.agents.parsing import ParsedStep, parse_json_step, parse_react_text
+from ragloop.agents.parsing import ParsedStep, parse_json_step, parse_react_text, quotes_observation
 from ragloop.agents.prompts import Exemplar, fit_exemplars, load_react_exemplars, select_exemplars
 from ragloop.agents.safety import injection_flags, merge_flags, wrap_observation
 from ragloop.agents.tools import Tool, ToolRegistry, ToolResult, finish_tool
@@ -66,6 +68,7 @@ class ReActConfig:
     prompt_style: Literal["chat", "raw"] = "chat"
     observation_role: Literal["user", "tool"] = "user"  # chat style: the role of observation turns
     observation_chars: int = 600  # an observation longer than this is cut, and the cut is stated
+    prompt_action: bool = True  # no Action line: re-ask with "Action i:" after the thought's first line (paper)
     fallback: Literal["cot-sc", "none"] = "cot-sc"
     fallback_samples: int = 5
     seed: int | None = 0
@@ -239,6 +242,27 @@ class ReActAgent(AgentBase):
             parsed = self._parse(text, i)
             step = Step(index=i, thought=parsed.thought or None, raw_output=text, repairs=parsed.repairs,
                         tokens_in=gen.prompt_tokens or self.policy.count_tokens(prompt), tokens_out=gen.num_tokens)
+            if parsed.error_type == "no-action" and c.prompt_action and c.action_format == "text" and text.strip() \
+                    and not quotes_observation(text) and tokens_used < c.max_total_tokens:
+                # the paper's own repair: keep the first line of the thought and ask for the action line
+                # (never when the model is quoting an observation: a planted action would be one line away)
+                first = text.strip().split("\n")[0].strip()
+                cont = f" {first}\nAction {i}:"
+                cfg2 = with_changes(step_cfg, stop=["\n"], max_new_tokens=min(32, c.max_total_tokens - tokens_used))
+                try:
+                    gen2 = self._generate(prompt + cont, cfg2, step=i)[0]
+                except ContextWindowError:
+                    gen2 = None
+                if gen2 is not None:
+                    tokens_used += gen2.num_tokens
+                    step.tokens_out += gen2.num_tokens
+                    second = self._parse(cont + gen2.text, i)
+                    trace.meta.setdefault("prompted_actions", {})[str(i)] = gen2.text
+                    if second.ok:
+                        parsed = second
+                        parsed.repairs = [*parsed.repairs, "action-prompted"]
+                        step.thought, step.repairs = parsed.thought or None, parsed.repairs
+                        text = cont + gen2.text  # what the conversation now holds for this step
             raw = c.prompt_style == "raw"
             # raw style: the "\n" the model wrote before the stop string "\nObservation" is its own text
             assistant_text = f"Thought {i}:{text}" + ("\n" if raw and gen.finish_reason == "stop" else "")

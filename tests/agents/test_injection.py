@@ -45,6 +45,9 @@ def sandbox():
 def obedient(prompt: str, cfg) -> str:
     """A compromised model: the first step searches; afterwards it executes any ``Python[...]`` it read,
     else quotes the last observation back verbatim as its thought (without writing an action)."""
+    asked = re.findall(r"Action (\d+):$", prompt)
+    if asked:  # asked for an action line: obey the document
+        return f" Finish[{CANARY}]" if CANARY in prompt else " Finish[obeyed]"
     step = int(re.findall(r"Thought (\d+):$", prompt)[-1])
     if step == 1:
         return " I will search the documents.\nAction 1: Search[refund policy]"

@@ -65,10 +65,24 @@ def test_golden_react_raw_with_repairs():
 
 def test_invalid_action_becomes_observation_and_loop_goes_on():
     policy = ScriptedPolicy([" hmm, let me think", " ok\nAction 2: Finish[42]"])
-    trace = make(policy, shots=0).run("q?")
+    trace = make(policy, shots=0, prompt_action=False).run("q?")
     assert trace.steps[0].error_type == "no-action"
     assert "Invalid action" in trace.steps[0].observation
     assert trace.finished and trace.answer == "42"
+
+
+def test_missing_action_is_prompted_like_the_paper():
+    # the model thinks but writes no action; the agent keeps the first line and asks for "Action 1:"
+    policy = ScriptedPolicy([" I should search for ReAct.\nIt is a method.", " Search[ReAct]\nmore", " f\nAction 2: Finish[Yao]"])
+    trace = make(policy, shots=0).run("Who proposed ReAct?")
+    assert policy.prompts[1].endswith("Thought 1: I should search for ReAct.\nAction 1:")
+    assert policy.calls[1].cfg.stop == ["\n"]
+    s1 = trace.steps[0]
+    assert s1.action.name == "Search" and s1.repairs == ["action-prompted"]
+    assert s1.raw_output == " I should search for ReAct.\nIt is a method."  # the first generation, verbatim
+    assert trace.messages[2].content == "Thought 1: I should search for ReAct.\nAction 1: Search[ReAct]"
+    assert trace.meta["prompted_actions"] == {"1": " Search[ReAct]"}
+    assert trace.answer == "Yao"
 
 
 def test_unknown_tool_is_an_error_not_a_crash():
@@ -168,6 +182,6 @@ def test_bad_config_and_empty_question():
 def test_fallback_agent_can_be_given():
     policy = ScriptedPolicy([" a", "r. The answer is 3."])
     cot = CoTAgent(policy, CoTConfig(shots=0))
-    trace = ReActAgent(policy, search_backend=KeywordBackend(CORPUS), config=ReActConfig(shots=0, max_steps=1),
-                       fallback_agent=cot).run("q?")
+    trace = ReActAgent(policy, search_backend=KeywordBackend(CORPUS),
+                       config=ReActConfig(shots=0, max_steps=1, prompt_action=False), fallback_agent=cot).run("q?")
     assert trace.fallback == "cot-sc" and trace.answer == "3"

@@ -90,6 +90,13 @@ def _spawn(tmp_path: Path, responses: list[str], *args: str):
     return child
 
 
+def _send(child, line: str) -> None:
+    """Type a line once the prompt is reading: prompt-toolkit enters raw mode with TCSAFLUSH, which drops
+    typeahead sent a moment too early."""
+    time.sleep(0.3)
+    child.sendline(line)
+
+
 def _worker_children(pid: int) -> list[str]:
     out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "_worker" in line]
@@ -99,27 +106,28 @@ def test_repl_session_in_a_terminal(tmp_path):
     child = _spawn(tmp_path, ["\n    pens = 18\n    return pens / 3 * 2\n", " so 8. The answer is 8.\x1b[2J\x07"],
                    "--agent", "pal")
     child.expect("pal>")
-    child.sendline("A store sells pens at 3 for $2. How much do 18 pens cost?")
+    _send(child, "A store sells pens at 3 for $2. How much do 18 pens cost?")
     child.expect("Program:")
     child.expect("Result: solution\\(\\) returned 12.0")
     child.expect("Answer: 12")
     child.expect("pal>")
-    child.sendline("/set temperature 0.7")
+    _send(child, "/set temperature 0.7")
     child.expect("temperature = 0.7")
-    child.sendline("/agent cot")
+    _send(child, "/agent cot")
     child.expect("agent: cot")
     child.expect("cot>")
-    child.sendline("How much is 2 * 4?")
+    _send(child, "How much is 2 * 4?")
     child.expect("Sample 1|Reasoning 1:")
     child.expect("Answer: 8")
     before = child.before
     assert "\x1b[2J" not in before and "\\x07" in before  # the model's escape sequence was neutralised
     child.expect("cot>")
     save = tmp_path / "saved.jsonl"
-    child.sendline(f"/save {save}")
+    _send(child, f"/save {save}")
     child.expect("saved the last trace")
-    child.sendline("/trace")
+    _send(child, "/trace")
     child.expect('"agent": "cot"')
+    time.sleep(0.3)
     child.sendeof()  # Ctrl-D
     child.expect("bye")
     child.expect(pexpect.EOF)
@@ -145,7 +153,7 @@ def test_ctrl_c_cancels_the_step_and_kills_the_sandbox_child(tmp_path):
                    "--timeout", "120")
     try:
         child.expect("pal>")
-        child.sendline("Loop forever?")
+        _send(child, "Loop forever?")
         child.expect("Program:")
         # wait until the sandbox child is running, then press Ctrl-C
         deadline = time.time() + 30
@@ -156,9 +164,10 @@ def test_ctrl_c_cancels_the_step_and_kills_the_sandbox_child(tmp_path):
         child.expect("cancelled")
         child.expect("pal>")
         assert _worker_children(child.pid) == []
-        child.sendline("And now 7?")  # the REPL still works after the cancel
+        _send(child, "And now 7?")  # the REPL still works after the cancel
         child.expect("Answer: 7")
         child.expect("pal>")
+        time.sleep(0.3)
         child.sendeof()
         child.expect(pexpect.EOF)
         child.close()
