@@ -133,6 +133,8 @@ def load_bm25(directory: Path) -> Any:
     try:
         return bm25s.BM25.load(str(directory), mmap=False, allow_pickle=False, load_corpus=False,
                                show_progress=False)
+    except FileNotFoundError:
+        raise  # the generation was garbage-collected meanwhile: the store resolves the pointer again
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise IndexStoreError(f"cannot read the BM25 index in {directory}: {e}") from None
 

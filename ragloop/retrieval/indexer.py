@@ -352,14 +352,14 @@ def _update_locked(
         new_chunks = {d.doc_id: chunker.chunk(d) for d in new_docs}
     flat = [c for d in new_docs for c in new_chunks[d.doc_id]]
     new_vecs = _embed(embedder, [c.text for c in flat], config.embed_batch, progress) if flat else None  # (M, D)
-    vec_of_new = {c.chunk_id: new_vecs[i] for i, c in enumerate(flat)} if new_vecs is not None else {}
+    pos_of_new = {c.chunk_id: i for i, c in enumerate(flat)}
     summary.chunks_embedded = len(flat)
 
     # Assemble the generation: documents sorted by id, chunks in order; rows 0..N-1.
     old_vectors = faiss_index.all_vectors(old.faiss) if old and kept_old else None
     doc_records: list[DocumentRecord] = []
     chunk_records: list[ChunkRecord] = []
-    vec_rows: list[np.ndarray] = []
+    source_rows: list[int] = []  # per new row: old row (>= 0) or -1 - index into the new vectors
     new_by_id = {d.doc_id: d for d in new_docs}
     kept_docs: dict[str, DocumentRecord] = {}
     kept_chunks: dict[str, list[ChunkRecord]] = {}
@@ -378,18 +378,24 @@ def _update_locked(
             for c in chunks:
                 chunk_records.append(ChunkRecord(len(chunk_records), c.chunk_id, doc_id, c.ordinal, c.text,
                                                  c.metadata))
-                vec_rows.append(vec_of_new[c.chunk_id])
+                source_rows.append(-1 - pos_of_new[c.chunk_id])
         else:
             assert old_vectors is not None
             doc_records.append(kept_docs[doc_id])
             for c in sorted(kept_chunks.get(doc_id, []), key=lambda c: c.ordinal):
-                vec_rows.append(old_vectors[c.row])
+                source_rows.append(c.row)
                 c.row = len(chunk_records)
                 chunk_records.append(c)
     spec: dict[str, Any] = dict(embedder.spec()) if embedder is not None else dict(old.manifest.embedder)  # type: ignore[union-attr]
     if embedder is not None:
         spec["name"], spec["dimension"] = embedder.name, embedder.dimension
-    vectors = np.stack(vec_rows)  # (N, D)
+    src = np.asarray(source_rows, dtype=np.int64)  # (N,)
+    dim = new_vecs.shape[1] if new_vecs is not None else old_vectors.shape[1]  # type: ignore[union-attr]
+    vectors = np.empty((len(src), dim), dtype=np.float32)  # (N, D)
+    if old_vectors is not None:
+        vectors[src >= 0] = old_vectors[src[src >= 0]]
+    if new_vecs is not None:
+        vectors[src < 0] = new_vecs[-1 - src[src < 0]]
     # BM25 tokens: carried over for unchanged chunks unless the BM25 tokenisation changed.
     tokenizer = bm25_mod.BM25Tokenizer(bm25_cfg)
     same_tokens = old is not None and bm25_mod.BM25Config.from_json(old.manifest.bm25) == bm25_cfg
