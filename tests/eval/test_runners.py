@@ -155,3 +155,18 @@ def test_format_valid_strict_counts_repairs():
 def test_claims_rejects_pal(claims):
     with pytest.raises(UsageError, match="PAL"):
         run_benchmark(RunConfig(task="claims", agent="pal", data=str(claims)), ScriptedPolicy([]))
+
+
+@pytest.mark.e2e
+def test_ensure_scifact_index_builds_once_from_a_corpus(tmp_path):
+    from ragloop.eval.runners import ensure_scifact_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"_id": "1", "title": "Aspirin", "text": "Aspirin relieves headaches."}\n'
+                      '{"_id": "2", "title": "Moon", "text": "The moon is made of rock."}\n')
+    msgs: list[str] = []
+    r = ensure_scifact_index(str(tmp_path / "idx"), corpus, progress=msgs.append)
+    assert r.num_documents == 2 and len(msgs) == 1
+    assert r.search("what is the moon made of", k=1, mode="dense")[0].doc_id == "2"
+    again = ensure_scifact_index(str(tmp_path / "idx"), corpus, progress=msgs.append)
+    assert again.num_documents == 2 and len(msgs) == 1  # not rebuilt
