@@ -49,7 +49,7 @@ from ragloop.alignment.data import (
     trace_response_text,
     traces_to_sft_rows,
 )
-from ragloop.core.errors import ConfigError, DataError, UsageError
+from ragloop.core.errors import ConfigError, DataError, TrainingError, UsageError
 from ragloop.core.trace import Feedback, Message, Trace, write_traces
 from ragloop.models.types import GenerationConfig
 
@@ -409,22 +409,32 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
                  for p, r in zip(ppo_prompts, ppo_rows, strict=True)]
         check = pal_reward_check(make, policy, sandbox)
         reward_fn = make_reward_fn(check=check, reward_model=rm_model, rm_weight=cfg.rm_weight if rm_model else 0.0,
-                                   rm_prompt=lambda it: it.meta["question"])
+                                   rm_prompt=lambda it: it.meta["question"], rm_clip=3.0)
         stops = make(policy, sandbox)._decoding().stop  # the agent's own stop strings
         say(f"PPO from the SFT policy, budget {ppo_budget / 60:.1f} min")
-        ppo_res = run_ppo(PPOConfig(out_dir=str(out / "ppo"), iterations=cfg.ppo_max_iterations,
-                                    batch_prompts=cfg.ppo_batch_prompts, samples_per_prompt=cfg.ppo_samples,
-                                    max_new_tokens=cfg.max_new_tokens, stop=stops, lr=cfg.ppo_lr,
-                                    kl_coef=cfg.ppo_kl_coef, seed=cfg.seed, budget_seconds=ppo_budget,
-                                    name=f"{start_name}-ppo", minibatch_size=4, budget_clock=cfg.budget_clock),
-                          policy, items, reward_fn)
-        policy.name = f"{start_name}-ppo"
-        last = ppo_res.history[-1] if ppo_res.history else {}
-        stages["ppo"] = {"iterations": ppo_res.iterations, "rollbacks": ppo_res.rollbacks, "stopped_by": ppo_res.stopped_by,
-                         "reward_first": ppo_res.history[0].get("env/reward_mean") if ppo_res.history else None,
-                         "reward_last": last.get("env/reward_mean"), "kl_last": last.get("objective/kl"),
-                         "policy": str(ppo_res.policy_dir)}
-        final_policy_dir = ppo_res.policy_dir
+        ppo_cfg = PPOConfig(out_dir=str(out / "ppo"), iterations=cfg.ppo_max_iterations,
+                            batch_prompts=cfg.ppo_batch_prompts, samples_per_prompt=cfg.ppo_samples,
+                            max_new_tokens=cfg.max_new_tokens, stop=stops, lr=cfg.ppo_lr, kl_coef=cfg.ppo_kl_coef,
+                            seed=cfg.seed, budget_seconds=ppo_budget, name=f"{start_name}-ppo", minibatch_size=4,
+                            budget_clock=cfg.budget_clock)
+        try:
+            ppo_res = run_ppo(ppo_cfg, policy, items, reward_fn)
+        except TrainingError as e:  # PPO diverged beyond its rollbacks: keep the SFT policy and say so
+            say(f"PPO stopped: {e.message}; evaluating the SFT policy instead")
+            stages["ppo"] = {"failed": e.message}
+            from ragloop.models.loading import load_policy
+
+            sft_policy = load_policy(sft_res.policy_dir)
+            policy.model, policy.name = sft_policy.model, sft_policy.name
+        else:
+            policy.name = f"{start_name}-ppo"
+            last = ppo_res.history[-1] if ppo_res.history else {}
+            stages["ppo"] = {"iterations": ppo_res.iterations, "rollbacks": ppo_res.rollbacks,
+                             "stopped_by": ppo_res.stopped_by,
+                             "reward_first": ppo_res.history[0].get("env/reward_mean") if ppo_res.history else None,
+                             "reward_last": last.get("env/reward_mean"), "kl_last": last.get("objective/kl"),
+                             "policy": str(ppo_res.policy_dir)}
+            final_policy_dir = ppo_res.policy_dir
     # 7. evaluate again ----------------------------------------------------------------------------------
     after, after_traces = evaluate("after")
     extra = {"kl_to_start": kl_to_reference(policy, ref_model, after_traces)}

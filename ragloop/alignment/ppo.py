@@ -257,8 +257,9 @@ def sync_merged_weights(peft_model: Any, plain: Any) -> None:
 def make_reward_fn(
     *, reward_model: Any = None, check: Callable[[PPOItem, str], float] | None = None,
     rm_weight: float = 1.0, check_weight: float = 1.0, rm_prompt: Callable[[PPOItem], str] | None = None,
+    rm_clip: float | None = None,
 ) -> RewardFn:
-    """Score = rm_weight · RM(prompt, completion) + check_weight · check(item, completion)."""
+    """Score = rm_weight · clip(RM(prompt, completion), ±rm_clip) + check_weight · check(item, completion)."""
     if reward_model is None and check is None:
         raise ConfigError("PPO needs a reward: a reward model, a programmatic check, or both")
 
@@ -268,6 +269,8 @@ def make_reward_fn(
             prompts = [rm_prompt(it) if rm_prompt else (it.prompt if isinstance(it.prompt, str) else
                        "\n".join(m["content"] for m in it.prompt)) for it in items]
             rm = reward_model.score_batch(prompts, list(completions))
+            if rm_clip is not None:
+                rm = [max(-rm_clip, min(rm_clip, r)) for r in rm]
             scores = [s + rm_weight * r for s, r in zip(scores, rm, strict=True)]
         if check is not None:
             scores = [s + check_weight * check(it, c) for s, it, c in zip(scores, items, completions, strict=True)]
