@@ -302,20 +302,38 @@ def run_benchmark(
     agent = build_agent(policy, spec, retriever=retriever, sandbox=sandbox)
     traces, seconds = run_examples(agent, examples, task=cfg.task, out=cfg.out, progress=progress)
     end = cfg.offset + len(examples)
-    settings = {"shots": cfg.shots, "self_consistency": cfg.self_consistency, "prompt_style": cfg.prompt_style,
-                "max_new_tokens": cfg.max_new_tokens, "max_steps": cfg.max_steps,
-                "action_format": cfg.action_format, "fallback": cfg.fallback, "decoding": "greedy",
-                **cfg.extra_settings}
+    settings = {**effective_settings(agent), **cfg.extra_settings}
     return summarize(traces, task=cfg.task, agent=cfg.agent, model=getattr(policy, "name", "?"),
                      data=str(cfg.data), slice_=f"{Path(cfg.data).name}[{cfg.offset}:{end}]", seed=cfg.seed,
                      seconds=seconds, out=cfg.out, settings=settings)
+
+
+def effective_settings(agent: Any) -> dict[str, Any]:
+    """The agent's resolved configuration as JSON-friendly values (objects such as exemplar lists and
+    embedders are summarised), recorded with every report."""
+    out: dict[str, Any] = {"agent_class": type(agent).__name__}
+    conf = getattr(agent, "config", None)
+    for k, v in (vars(conf) if conf is not None else {}).items():
+        if k == "exemplars":
+            out["exemplar_pool"] = "default" if v is None else len(v)
+        elif k == "decoding":
+            out["decoding"] = None if v is None else {kk: vv for kk, vv in v.to_dict().items() if kk != "stop"}
+        elif k == "format":
+            out["format"] = getattr(v, "question_prefix", str(v)).strip()
+        elif k == "embedder":
+            out["embedder"] = None if v is None else type(v).__name__
+        elif isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+    fb = getattr(agent, "_fallback_agent", None)
+    if fb is not None:
+        out["fallback_shots"] = fb.config.shots
+    return out
 
 
 def ensure_scifact_index(index: str, corpus: str | Path | None, *, progress: Callable[[str], None] | None = None) -> Any:
     """Open ``index`` (a path or a name under ``~/.ragloop/indexes``); with ``corpus`` build it first when
     it does not exist yet. Returns a ``Retriever``."""
     from ragloop.retrieval import Retriever, index_documents, read_beir_corpus, resolve_index_path
-
     from ragloop.retrieval.store import read_pointer
 
     root = resolve_index_path(index)
