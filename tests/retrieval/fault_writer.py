@@ -1,4 +1,4 @@
-"""Subprocess helper of test_faults.py (not a test): kill an index writer at every filesystem step.
+"""Subprocess helper of test_index_faults.py (not a test): kill an index writer at every filesystem step.
 
 Usage: ``python fault_writer.py TEMPLATE_INDEX WORK_DIR NEW_DOCS_JSON``. A dry run records the steps of one
 save; then for each step N a forked child copies nothing, opens the template's copy and saves the new
