@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-all lint clean
 
 install: $(STAMP)
 
@@ -30,8 +30,18 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# Every benchmark prints one JSON line last; benchmarks/RESULTS.md records the figures and their commands.
+# `make bench` runs the quick ones; `make bench-all` adds the long ones (SciFact indexing, reward model, PPO).
 bench: install
 	$(PY) benchmarks/bench_decode.py
+	$(PY) benchmarks/bench_sandbox.py
+
+bench-all: bench
+	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_index.py --docs 800
+	$(PY) benchmarks/bench_reward.py
+	$(PIP) install --quiet -e '.[bench]'
+	$(PY) benchmarks/bench_ppo.py
 
 lint: install
 	$(VENV)/bin/ruff check ragloop tests benchmarks examples
