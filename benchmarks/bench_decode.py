@@ -18,8 +18,10 @@ number of tokens. The last line printed is one JSON object. Run: ``.venv/bin/pyt
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,14 +44,11 @@ def chat_ids(tok, text: str) -> list[int]:
     return tok(rendered, add_special_tokens=False).input_ids
 
 
-def best_of(reps: int, fn):
-    """(min seconds, result of the last call) over ``reps`` calls."""
-    best, out = float("inf"), None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def timed(fn):
+    """(seconds, result) of one call."""
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
 
 
 # -- the two sides ---------------------------------------------------------------------------------------
@@ -131,22 +130,88 @@ def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict[str, float]:
             "max_abs_logit_diff": float(f"{err:.3g}"), "positions": int(top1.numel())}
 
 
-def time_fast(stepper, tok, prompts, ref_single_tokens, batch_prompt, args) -> dict:
-    """Single-stream greedy and n=16 sampling through ragloop's decode loop over ``stepper``."""
-    n1, nb = args.single_tokens, args.batch_tokens
-    fast_generate(stepper, tok, prompts[0], 2)  # warm-up (oneDNN primitives are created on first use)
-    fast_generate(stepper, tok, prompts[0], 2, n=16, sample=True)
-    s_sec, same = 0.0, []
-    for ids, ref in zip(prompts, ref_single_tokens, strict=True):
-        sec, out = best_of(args.reps, lambda ids=ids: fast_generate(stepper, tok, ids, n1))
-        s_sec += sec
-        same.append(out[0] == ref)
-    b_sec, _ = best_of(args.reps, lambda: fast_generate(stepper, tok, batch_prompt, nb, n=16, sample=True))
-    return {
-        "single_tok_s": round(n1 * len(prompts) / s_sec, 2),
-        "batch16_tok_s": round(nb * 16 / b_sec, 1),
-        "greedy_identical_to_generate": all(same),
+# -- levers (--levers): what each part of the fast path buys, measured on the real weights ---------------
+
+
+def _best_ms(fn, reps: int = 3, inner: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t) / inner)
+    return round(best * 1e3, 2)
+
+
+@torch.inference_mode()
+def levers(model, tok) -> dict:
+    """Matmul kernels over all 30 layers' (fused) weights + lm_head, one decode step's worth, at M=1 and
+    M=16; fast vs HF stepper step time; prompt sharing for n=16 candidates of a 600-token prompt."""
+    import torch.nn.functional as F
+
+    from ragloop.models.decoding import HFStepper
+    from ragloop.models.fast import FastStepper, make_stepper, quantize_int8_per_channel
+
+    weights = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        weights += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+    weights.append(model.lm_head.weight)
+    weights = [w.detach().contiguous() for w in weights]
+    mb = sum(w.numel() for w in weights) * 4 / 1e6
+
+    def pack(w, dt):
+        return torch.ops.mkldnn._reorder_linear_weight(w.to(dt).contiguous(), 1)
+
+    kernels = {
+        "fp32 F.linear (HF)": (lambda w: w, lambda x, w: F.linear(x, w), torch.float32),
+        "fp32 oneDNN prepacked": (lambda w: pack(w, torch.float32),
+                                  lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), torch.float32),
+        "bf16 F.linear": (lambda w: w.bfloat16(), lambda x, w: F.linear(x, w), torch.bfloat16),
+        "bf16 oneDNN prepacked": (lambda w: pack(w, torch.bfloat16),
+                                  lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), torch.bfloat16),
+        "int8 weight-only": (lambda w: [(q, s.bfloat16()) for q, s in [quantize_int8_per_channel(w.float())]][0],
+                             lambda x, w: torch._weight_int8pack_mm(x, w[0], w[1]), torch.bfloat16),
     }
+    out: dict = {"weights_fp32_mb": round(mb, 1), "matmuls_ms_per_step": {}}
+    def one_pass(call, xs: dict, packed: list) -> None:
+        for w, p in zip(weights, packed, strict=True):
+            call(xs[w.shape[1]], p)
+
+    for name, (prep, call, dt) in kernels.items():
+        packed = [prep(w) for w in weights]
+        row = {}
+        for m_rows in (1, 16):
+            xs = {k: torch.randn(m_rows, k, dtype=dt) for k in {w.shape[1] for w in weights}}
+            row[f"M={m_rows}"] = _best_ms(functools.partial(one_pass, call, xs, packed))
+        bytes_mb = mb * (1.0 if dt == torch.float32 else 0.25 if name.startswith("int8") else 0.5)
+        row["GB/s at M=1"] = round(bytes_mb / row["M=1"], 1)  # MB/ms = GB/s
+        out["matmuls_ms_per_step"][name] = row
+        del packed
+
+    ids = torch.tensor([chat_ids(tok, PROMPTS[0])])
+    mask = torch.ones_like(ids)
+    steps = {}
+    for name, make in [("hf", lambda: HFStepper(model))] + [(p, lambda p=p: make_stepper(model, precision=p)) for p in PRECISIONS]:
+        st = make()
+        st.prefill(ids, mask)
+        nxt = torch.tensor([42])
+        steps[name] = _best_ms(lambda st=st, nxt=nxt: st.step(nxt), reps=3, inner=8)
+    out["step_ms_batch1"] = steps
+
+    g = torch.Generator().manual_seed(0)
+    long_ids = torch.randint(100, 40000, (1, 600), generator=g).repeat(16, 1)  # one 600-token prompt, n=16
+    share = {}
+    for on in (True, False):
+        st = FastStepper(model, precision="bf16", share_prompts=on)
+        pre, _ = timed(lambda st=st: st.prefill(long_ids, torch.ones_like(long_ids)))
+        nxt = torch.full((16,), 42)
+        share["shared" if on else "per-row"] = {"prefill_s": round(pre, 2),
+                                                 "step_ms": _best_ms(lambda st=st, nxt=nxt: st.step(nxt), reps=2, inner=4)}
+    out["n16_prompt600_bf16"] = share
+    return out
 
 
 # -- main ------------------------------------------------------------------------------------------------
@@ -160,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=2, help="timed runs per measurement; the best is kept")
     ap.add_argument("--quality-texts", type=int, default=8, help="GSM8K dev rows for the agreement check")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--levers", action="store_true", help="measure each lever instead (kernels, steps, sharing)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -168,56 +234,103 @@ def main(argv: list[str] | None = None) -> dict:
     from ragloop.models.loading import load_model_and_tokenizer
 
     t0 = time.perf_counter()
+    load_before = round(os.getloadavg()[0], 2)  # a busy machine slows both sides; recorded with the figures
     model, tok, _ = load_model_and_tokenizer()
+    if args.levers:
+        result = {"bench": "decode_levers", "threads": args.threads, **levers(model, tok),
+                  "loadavg_1m": [load_before, round(os.getloadavg()[0], 2)],
+                  "total_s": round(time.perf_counter() - t0, 1)}
+        print(json.dumps(result))
+        return result
     prompts = [chat_ids(tok, p) for p in PROMPTS]
     batch_prompt = chat_ids(tok, BATCH_PROMPT)
     n1, nb = args.single_tokens, args.batch_tokens
 
-    # reference: HF generate (warm-up first: the first call pays one-time setup)
-    hf_generate(model, tok, prompts[0], 2)
-    ref_single_s, ref_single_tokens = 0.0, []
-    for ids in prompts:
-        sec, out = best_of(args.reps, lambda ids=ids: hf_generate(model, tok, ids, n1))
-        ref_single_s += sec
-        ref_single_tokens.append(out[0].tolist())
-    ref_batch_s, _ = best_of(args.reps, lambda: hf_generate(model, tok, batch_prompt, nb, n=16, sample=True))
+    # every side gets its warm-up (one-time setup: oneDNN primitives, generate's first call), then the
+    # sides are timed interleaved, rep by rep, so that a change of load on a shared machine hits all alike;
+    # each side keeps its best rep.
+    steppers, build_s = {}, {}
+    for prec in PRECISIONS:
+        build_s[prec], steppers[prec] = timed(lambda prec=prec: make_stepper(model, precision=prec, max_batch=16))
+    sides = {"hf": None, **steppers}
+
+    def run(side: str, ids: list[int], n_new: int, n: int = 1, sample: bool = False) -> list[list[int]]:
+        if side == "hf":
+            return hf_generate(model, tok, ids, n_new, n=n, sample=sample).tolist()
+        return fast_generate(sides[side], tok, ids, n_new, n=n, sample=sample)
+
+    for side in sides:
+        run(side, prompts[0], 2)
+        run(side, batch_prompt, 2, n=16, sample=True)
+    # wall seconds and CPU seconds of this process (the latter is distorted much less by other jobs)
+    single = {side: [[float("inf")] * 2 for _ in prompts] for side in sides}
+    batch = {side: [float("inf")] * 2 for side in sides}
+    tokens: dict[str, list[list[int]]] = {side: [[] for _ in prompts] for side in sides}
+    for _ in range(args.reps):
+        for i, ids in enumerate(prompts):
+            for side in sides:
+                cpu = time.process_time()
+                sec, out = timed(lambda side=side, ids=ids: run(side, ids, n1))
+                cpu = time.process_time() - cpu
+                single[side][i] = [min(single[side][i][0], sec), min(single[side][i][1], cpu)]
+                tokens[side][i] = out[0]
+        for side in sides:
+            cpu = time.process_time()
+            sec, _ = timed(lambda side=side: run(side, batch_prompt, nb, n=16, sample=True))
+            cpu = time.process_time() - cpu
+            batch[side] = [min(batch[side][0], sec), min(batch[side][1], cpu)]
     single_tokens, batch_tokens = n1 * len(prompts), nb * 16
 
-    per: dict[str, dict] = {}
-    for prec in PRECISIONS:
-        t = time.perf_counter()
-        stepper = make_stepper(model, precision=prec, max_batch=16)
-        build_s = time.perf_counter() - t
-        per[prec] = {**time_fast(stepper, tok, prompts, ref_single_tokens, batch_prompt, args), "build_s": round(build_s, 2)}
-        del stepper  # one packed copy of the weights at a time
+    def rates(side: str) -> dict:
+        return {
+            "single_tok_s": round(single_tokens / sum(t[0] for t in single[side]), 2),
+            "batch16_tok_s": round(batch_tokens / batch[side][0], 1),
+            "single_tok_per_cpu_s": round(single_tokens / sum(t[1] for t in single[side]), 2),
+            "batch16_tok_per_cpu_s": round(batch_tokens / batch[side][1], 1),
+        }
+
+    ref = rates("hf")
+    per: dict[str, dict] = {
+        prec: {
+            **rates(prec),
+            "greedy_identical_to_generate": tokens[prec] == tokens["hf"],
+            "build_s": round(build_s[prec], 2),
+        }
+        for prec in PRECISIONS
+    }
+    ratio_of = {"single_ratio": "single_tok_s", "batch16_ratio": "batch16_tok_s",
+                "single_cpu_ratio": "single_tok_per_cpu_s", "batch16_cpu_ratio": "batch16_tok_per_cpu_s"}
+    for v in per.values():
+        v.update({name: round(v[key] / ref[key], 2) for name, key in ratio_of.items()})
 
     q_prompts, q_answers = quality_rows(tok, args.quality_texts)
     ref_logits = hf_teacher_forced_logits(model, q_prompts, q_answers, tok.pad_token_id)
     for prec in PRECISIONS:
-        stepper = make_stepper(model, precision=prec, max_batch=16)
-        per[prec]["vs_hf_fp32"] = agreement(teacher_forced_logits(stepper, q_prompts, q_answers, tok.pad_token_id), ref_logits)
-        del stepper
+        fast = teacher_forced_logits(steppers[prec], q_prompts, q_answers, tok.pad_token_id)
+        per[prec]["vs_hf_fp32"] = agreement(fast, ref_logits)
 
-    ref_single, ref_batch = single_tokens / ref_single_s, batch_tokens / ref_batch_s
     top = per[args.precision]
     result = {
         "bench": "decode",
         "model": "SmolLM2-135M-Instruct (embedded, fp32 HF weights)",
         "precision": args.precision,
         "threads": args.threads,
-        "single_ref_tok_s": round(ref_single, 2),
+        "single_ref_tok_s": ref["single_tok_s"],
         "single_fast_tok_s": top["single_tok_s"],
-        "single_ratio": round(top["single_tok_s"] / ref_single, 2),
-        "batch16_ref_tok_s": round(ref_batch, 1),
+        "single_ratio": round(top["single_tok_s"] / ref["single_tok_s"], 2),
+        "batch16_ref_tok_s": ref["batch16_tok_s"],
         "batch16_fast_tok_s": top["batch16_tok_s"],
-        "batch16_ratio": round(top["batch16_tok_s"] / ref_batch, 2),
+        "batch16_ratio": round(top["batch16_tok_s"] / ref["batch16_tok_s"], 2),
+        "single_cpu_ratio": top["single_cpu_ratio"],  # tokens per CPU-second of this process, fast / ref
+        "batch16_cpu_ratio": top["batch16_cpu_ratio"],
         "next_token_agreement": top["vs_hf_fp32"]["top1_agreement"],
         "fp32_greedy_identical": per["fp32"]["greedy_identical_to_generate"],
         "single_tokens_timed": single_tokens,
         "batch16_tokens_timed": batch_tokens,
         "quality_positions": top["vs_hf_fp32"]["positions"],
-        "per_precision": {p: {**v, "single_ratio": round(v["single_tok_s"] / ref_single, 2),
-                              "batch16_ratio": round(v["batch16_tok_s"] / ref_batch, 2)} for p, v in per.items()},
+        "reference": ref,
+        "per_precision": per,
+        "loadavg_1m": [load_before, round(os.getloadavg()[0], 2)],  # before, after
         "total_s": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result))

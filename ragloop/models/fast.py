@@ -13,18 +13,24 @@ fraction of it. What this module does about it (each lever measured in ``benchma
 recorded in ``benchmarks/RESULTS.md``):
 
 - weights are fused (Q|K|V into one matrix, gate|up into one) and prepacked once into oneDNN's blocked
-  layout (``torch.ops.mkldnn._reorder_linear_weight``), whose matmul streams them near DRAM bandwidth;
+  layout (``torch.ops.mkldnn._reorder_linear_weight``), whose matmul streams them faster than MKL's
+  gemv on the plain layout;
 - ``precision="bf16"`` stores matmul weights in bfloat16 (half the bytes; AVX-512 BF16 dot products), and
-  ``precision="int8"`` stores them as int8 with one scale per output channel (weight-only quantisation,
-  as in LLM.int8()/GPTQ-style weight-only schemes, Dettmers et al. 2022) — a quarter of the bytes;
-  norms, RoPE, attention, softmax and the residual stream stay in fp32 in every mode;
-- a static, preallocated KV cache (no ``torch.cat`` per token) and one additive padding mask;
+  ``precision="int8"`` stores them as int8 with one absmax scale per output channel (weight-only
+  round-to-nearest quantisation, the vector-wise scheme of Dettmers et al. 2022 applied to weights only)
+  — a quarter of the bytes; norms, RoPE, attention, softmax and the residual stream stay fp32 in every mode;
+- a preallocated KV cache (no ``torch.cat`` per token, doubled when full) and one additive padding mask;
+- ``n`` candidates of one prompt (rows ``i*n .. i*n+n-1``, as ``DecodeRun`` lays them out) share one
+  prefill and one prompt cache (``fast_attention.shared_prefix_decode_attention``): ``n``× less prefill
+  and ``n``× fewer prompt-cache reads per token, which matters for long prompts (PAL, few-shot CoT);
 - the per-token Python is a short loop of tensor ops (no module hooks, no cache objects).
 
 The model is the one of Touvron et al. 2023 (LLaMA): RMSNorm (Zhang & Sennrich 2019), rotary position
 embeddings (Su et al. 2021), grouped-query attention (Ainslie et al. 2023), a SiLU-gated MLP (Shazeer 2020).
-``precision="fp32"`` computes the same function as the HF model (logits equal up to float rounding, so the
-greedy tokens are the same); reduced precisions trade a little next-token agreement for speed.
+``precision="fp32"`` computes the same function as the HF model: logits equal up to float rounding (~1e-5),
+so greedy tokens are the same unless two logits tie to that precision. Reduced precisions trade a little
+next-token agreement for speed (measured in the benchmark). The fast path is for inference only: it holds a
+packed copy of the weights, so after the model's weights change a new stepper must be built.
 """
 
 from __future__ import annotations
