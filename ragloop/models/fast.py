@@ -370,6 +370,12 @@ class FastStepper:
 
         return attend
 
+    def reset(self) -> None:
+        """Free the KV cache (it is kept after a decode until the next prefill or this call)."""
+        self._k, self._v, self._kp, self._vp = [], [], [], []
+        self._bias = self._bias_p = self._pos = None
+        self._len = self._batch = 0
+
     # -- the two calls of the Stepper protocol --------------------------------------------------------------
 
     @torch.inference_mode()
@@ -395,9 +401,7 @@ class FastStepper:
         R = ids.shape[0]
         pos = (am.long().cumsum(-1) - 1).clamp_min(0)  # (R, T) as model.generate: real tokens count from 0
         bias = torch.zeros(R, T).masked_fill_(~am, float("-inf"))  # (R, T)
-        # release the previous decode's cache before allocating this one
-        self._k = self._v = self._kp = self._vp = []
-        self._bias = self._bias_p = None
+        self.reset()  # release the previous decode's cache before allocating this one
         self._batch, self._n, self._prompt_len = B, n, T
         if n > 1:
             self._kp, self._vp = self._zeros(R, T), self._zeros(R, T)

@@ -194,6 +194,9 @@ def test_bad_calls_are_clear_errors(tiny):
     stepper.step(torch.tensor([4]))
     with pytest.raises(ContextWindowError, match="max_seq_len=16"):
         stepper.step(torch.tensor([4]))
+    stepper.reset()
+    with pytest.raises(UsageError, match="before prefill"):
+        stepper.step(torch.tensor([4]))
     with pytest.raises(UsageError, match="precision"):
         make_stepper(tiny, precision="fp8")
 
