@@ -6,7 +6,7 @@ Same model (the embedded SmolLM2-135M-Instruct, fp32), same prompts, same run:
   ``FastStepper`` — tokens per second, each side's best of ``--reps`` runs, prefill included on both sides;
 - batched sampling, n=16 candidates of one prompt at temperature 0.8: ``generate(num_return_sequences=16)``
   vs ``DecodeRun`` with ``n=16`` — aggregate tokens per second;
-- every precision (fp32, bf16, int8) is timed; the top-level figures are for ``--precision``;
+- every precision (fp32, bf16, int8, int4) is timed; the top-level figures are for ``--precision``;
 - quality: teacher-forced next-token (arg-max) agreement of each precision with the HF fp32 forward pass
   over the reference answers of the first ``--quality-texts`` GSM8K dev questions (``test_dev300.jsonl``),
   and whether fp32-fast greedy tokens are identical to ``generate``'s.
@@ -36,7 +36,7 @@ PROMPTS = [
     "Explain how a refrigerator keeps food cold.",
 ]
 BATCH_PROMPT = "Name a fruit and describe its taste in one sentence."
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
 
 def chat_ids(tok, text: str) -> list[int]:
@@ -151,7 +151,7 @@ def levers(model, tok) -> dict:
     import torch.nn.functional as F
 
     from ragloop.models.decoding import HFStepper
-    from ragloop.models.fast import FastStepper, make_stepper, quantize_int8_per_channel
+    from ragloop.models.fast import FastStepper, _Int4Linear, make_stepper, quantize_int8_per_channel
 
     weights = []
     for layer in model.model.layers:
@@ -174,6 +174,7 @@ def levers(model, tok) -> dict:
                                   lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), torch.bfloat16),
         "int8 weight-only": (lambda w: [(q, s.bfloat16()) for q, s in [quantize_int8_per_channel(w.float())]][0],
                              lambda x, w: torch._weight_int8pack_mm(x, w[0], w[1]), torch.bfloat16),
+        "int4 weight-only g32": (lambda w: _Int4Linear(w), lambda x, w: w(x), torch.bfloat16),
     }
     out: dict = {"weights_fp32_mb": round(mb, 1), "matmuls_ms_per_step": {}}
     def one_pass(call, xs: dict, packed: list) -> None:
@@ -186,7 +187,7 @@ def levers(model, tok) -> dict:
         for m_rows in (1, 16):
             xs = {k: torch.randn(m_rows, k, dtype=dt) for k in {w.shape[1] for w in weights}}
             row[f"M={m_rows}"] = _best_ms(functools.partial(one_pass, call, xs, packed))
-        bytes_mb = mb * (1.0 if dt == torch.float32 else 0.25 if name.startswith("int8") else 0.5)
+        bytes_mb = mb * {"fp32": 1.0, "bf16": 0.5, "int8": 0.25, "int4": 0.125}[name.split()[0]]
         row["GB/s at M=1"] = round(bytes_mb / row["M=1"], 1)  # MB/ms = GB/s
         out["matmuls_ms_per_step"][name] = row
         del packed

@@ -18,7 +18,10 @@ recorded in ``benchmarks/RESULTS.md``):
 - ``precision="bf16"`` stores matmul weights in bfloat16 (half the bytes; AVX-512 BF16 dot products), and
   ``precision="int8"`` stores them as int8 with one absmax scale per output channel (weight-only
   round-to-nearest quantisation, the vector-wise scheme of Dettmers et al. 2022 applied to weights only)
-  — a quarter of the bytes; norms, RoPE, attention, softmax and the residual stream stay fp32 in every mode;
+  — a quarter of the bytes; ``precision="int4"`` stores them as 4-bit with a (scale, min) pair per group
+  of 32 inputs — GGML's Q4_1 layout, so for the embedded model (a Q4_1 GGUF) the weights are exact and
+  only bf16 rounding of scales and activations remains — an eighth of the bytes (the output projection
+  stays bf16). Norms, RoPE, attention, softmax and the residual stream stay fp32 in every mode;
 - a preallocated KV cache (no ``torch.cat`` per token, doubled when full) and one additive padding mask;
 - ``n`` candidates of one prompt (rows ``i*n .. i*n+n-1``, as ``DecodeRun`` lays them out) share one
   prefill and one prompt cache (``fast_attention.shared_prefix_decode_attention``): ``n``× less prefill
@@ -53,7 +56,8 @@ from ragloop.models.fast_attention import (
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+INT4_GROUP = 32  # inputs per (scale, min) pair, as in GGML's Q4_1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,9 +125,56 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
     return q, scale
 
 
+class _Int4Linear:
+    """Weight-only 4-bit, group-wise asymmetric: ``W ≈ Q * scale + min`` per group of 32 inputs.
+
+    This is GGML's Q4_1 layout, so the weights of a model read from a Q4_1 GGUF file (the embedded
+    SmolLM2) are recovered exactly from their dequantised fp32 values; only the bf16 rounding of the scales
+    and of the activations remains. The kernel (``torch._weight_int4pack_mm_for_cpu``) computes
+    ``(Q - 8) * scale + zero``, hence ``zero = min + 8 * scale``; it needs N % 16 == 0 and K % 32 == 0.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features, self.in_features = N, K = weight.shape
+        if N % 16 or K % INT4_GROUP:
+            raise UsageError(
+                f"precision='int4' needs matmul shapes with N % 16 == 0 and K % {INT4_GROUP} == 0, got {N}x{K}",
+                hint="use precision='bf16' for this model",
+            )
+        q, scale, minimum = quantize_int4_groupwise(weight.detach().float(), INT4_GROUP)
+        self.q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # packed uint8
+        zero = minimum + 8 * scale
+        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().bfloat16()  # (K/g, N, 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (M, K)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.q, INT4_GROUP, self.scales_zeros)  # (M, N) bf16
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_int4_groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit with one (scale, min) per ``group`` inputs: ``w ≈ q * scale + min``, q in 0..15.
+
+    Returns q (N, K) int32, scale and min (N, K / group).
+
+    >>> q, scale, low = quantize_int4_groupwise(torch.tensor([[0.5, 1.0, 2.0, 8.0]]), 4)
+    >>> q.tolist(), scale.tolist(), low.tolist()
+    ([[0, 1, 3, 15]], [[0.5]], [[0.5]])
+    """
+    N, K = weight.shape
+    wg = weight.reshape(N, K // group, group)  # (N, K/g, g)
+    low = wg.amin(dim=-1)  # (N, K/g)
+    scale = ((wg.amax(dim=-1) - low) / 15).clamp_min(1e-12)
+    q = torch.round((wg - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32).reshape(N, K)
+    return q, scale, low
+
+
 def _make_linear(weight: torch.Tensor, precision: str, batch_hint: int):
     if precision == "int8":
         return _Int8Linear(weight)
+    if precision == "int4":
+        return _Int4Linear(weight)
     return _PackedLinear(weight, torch.float32 if precision == "fp32" else torch.bfloat16, batch_hint)
 
 
@@ -248,7 +299,9 @@ class FastStepper:
             self.embed = model.model.embed_tokens.weight.detach().float()  # (V, D), shared, not copied
             self.layers = _extract_layers(model, precision, batch_hint=1)
             self.norm = model.model.norm.weight.detach().float().clone()  # (D,)
-            self.lm_head = _make_linear(model.lm_head.weight, precision, batch_hint=1)
+            # int4 keeps the output projection in bf16: it is the (tied) embedding, 8-bit in GGUF files
+            head_precision = "bf16" if precision == "int4" else precision
+            self.lm_head = _make_linear(model.lm_head.weight, head_precision, batch_hint=1)
             rope = model.model.rotary_emb
             self.inv_freq = rope.inv_freq.detach().float().clone()  # (hd/2,)
             self.rope_scale = float(getattr(rope, "attention_scaling", 1.0))
@@ -443,12 +496,13 @@ def make_stepper(
 ) -> FastStepper:
     """A ``FastStepper`` over ``model``'s weights (a ``ragloop.models.decoding.Stepper``).
 
-    ``precision``: "fp32" (same function as the HF model), "bf16" or "int8" (matmul weights only).
+    ``precision``: "fp32" (same function as the HF model), "bf16", "int8" or "int4" (matmul weights only;
+    int4 is the fastest for one or a few rows, bf16 for batches of 8 or more — see benchmarks/RESULTS.md).
     ``max_batch`` rows at most per prefill; ``max_seq_len`` tokens (prompt + generated) at most per row
     (default: the model's ``max_position_embeddings``). The KV cache is sized per prefill, so these are
     limits, not allocations. Raises ``UsageError`` (a ``RagloopError``) for a model or setting it does not
     support — the caller then falls back to the HF stepper. Building packs a copy of the matmul weights
-    (fp32: the model's size again; bf16: half; int8: a quarter).
+    (fp32: the model's size again; bf16: half; int8: a quarter; int4: an eighth plus a bf16 output layer).
     """
     t = time.perf_counter()
     stepper = FastStepper(model, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len)

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from ragloop.core.errors import ContextWindowError, UsageError
-from ragloop.models.fast import FastStepper, make_stepper, quantize_int8_per_channel
+from ragloop.models.fast import (
+    FastStepper,
+    make_stepper,
+    quantize_int4_groupwise,
+    quantize_int8_per_channel,
+)
 from ragloop.models.fast_attention import prefill_bias, repeated_rows
 
 VOCAB = 512
@@ -158,18 +163,42 @@ def test_prefill_resets_the_cache(tiny):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("precision, threshold", [("bf16", 0.85), ("int8", 0.85)])
-def test_reduced_precision_agrees_with_fp32(tiny, precision, threshold):
-    """Teacher-forced next-token agreement with fp32 over 3 prompts x 20 positions."""
+def _agreement(model, precision: str) -> tuple[float, float]:
+    """Teacher-forced next-token agreement with fp32 over 3 prompts x 20 positions, and the max relative
+    logit error."""
     ids, mask = _left_pad(PROMPTS)
     g = torch.Generator().manual_seed(1)
     feed = [torch.randint(3, VOCAB, (len(PROMPTS),), generator=g) for _ in range(20)]
-    ref, _ = _run(make_stepper(tiny), ids, mask, steps=20, feed=feed)
-    low, _ = _run(make_stepper(tiny, precision=precision), ids, mask, steps=20, feed=feed)
+    ref, _ = _run(make_stepper(model), ids, mask, steps=20, feed=feed)
+    low, _ = _run(make_stepper(model, precision=precision), ids, mask, steps=20, feed=feed)
     agree = torch.cat([(a.argmax(-1) == b.argmax(-1)) for a, b in zip(ref, low, strict=True)]).float().mean()
-    assert agree >= threshold
     err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(low, ref, strict=True))
+    return float(agree), err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_agrees_with_fp32(tiny, precision):
+    agree, err = _agreement(tiny, precision)
+    assert agree >= 0.85
     assert 0 < err < 0.1  # reduced, but not broken
+
+
+def test_int4_is_near_exact_on_weights_already_on_a_q4_1_grid(tiny):
+    """The embedded model's matmul weights are Q4_1 (4-bit, groups of 32): int4 then loses only bf16
+    rounding. Project the tiny model's weights onto such a grid and compare with its own fp32 path."""
+    import copy
+
+    model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (*[getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")],
+                        *[getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]):
+                N, K = lin.weight.shape
+                q, scale, low = quantize_int4_groupwise(lin.weight.float(), 32)
+                lin.weight.copy_((q.reshape(N, K // 32, 32) * scale[..., None] + low[..., None]).reshape(N, K))
+    agree, err = _agreement(model, "int4")
+    assert agree >= 0.85
+    assert 0 < err < 0.1
 
 
 def test_quantize_int8_per_channel_round_trips_within_half_a_step():
@@ -178,6 +207,21 @@ def test_quantize_int8_per_channel_round_trips_within_half_a_step():
     assert q.dtype == torch.int8 and q.abs().max() == 127
     assert q[0, 1] == -127 and q[1, 0] == 127
     assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
+
+
+def test_quantize_int4_groupwise_recovers_a_q4_1_grid_exactly():
+    """Weights already on a 4-bit grid per group (as a Q4_1 GGUF's dequantised weights are) come back exact."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (4, 64), generator=g)
+    q[:, ::32] = 0  # Q4_1 maps each group's min to 0 and its max to 15
+    q[:, 1::32] = 15
+    scale = torch.rand(4, 2, generator=g) / 10 + 0.01
+    low = -torch.rand(4, 2, generator=g)
+    w = (q.reshape(4, 2, 32) * scale[..., None] + low[..., None]).reshape(4, 64)
+    q2, scale2, low2 = quantize_int4_groupwise(w, 32)
+    assert torch.equal(q2, q.to(torch.int32))
+    w2 = (q2.reshape(4, 2, 32) * scale2[..., None] + low2[..., None]).reshape(4, 64)
+    assert torch.allclose(w2, w, atol=1e-6)
 
 
 def test_bad_calls_are_clear_errors(tiny):
@@ -213,6 +257,13 @@ def test_unsupported_models_are_refused(tiny):
     )
     with pytest.raises(UsageError, match="bias"):
         make_stepper(biased)
+    odd = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1)
+    )
+    make_stepper(odd, precision="bf16")  # any shape is fine in bf16
+    with pytest.raises(UsageError, match="int4"):
+        make_stepper(odd, precision="int4")
 
 
 @pytest.mark.e2e
