@@ -231,7 +231,7 @@ def improve(
                                      help="'cpu': machine-minutes = CPU time ÷ torch threads (fair on a shared "
                                           "machine); 'wall': wall-clock minutes."),
     policy: str | None = typer.Option(None, "--policy", help=POLICY_HELP),
-    eval_n: int = typer.Option(300, "--eval-n", help="First N rows of gsm8k/test_dev300.jsonl (held-out slice)."),
+    eval_n: int = typer.Option(150, "--eval-n", help="First N rows of gsm8k/test_dev300.jsonl (held-out slice)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="The shared data folder (default ../shared/data)."),
     no_ppo: bool = typer.Option(False, "--no-ppo"),
     no_rm: bool = typer.Option(False, "--no-rm"),
