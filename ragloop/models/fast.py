@@ -20,8 +20,9 @@ recorded in ``benchmarks/RESULTS.md``):
   round-to-nearest quantisation, the vector-wise scheme of Dettmers et al. 2022 applied to weights only)
   — a quarter of the bytes; ``precision="int4"`` stores them as 4-bit with a (scale, min) pair per group
   of 32 inputs — GGML's Q4_1 layout, so for the embedded model (a Q4_1 GGUF) the weights are exact and
-  only bf16 rounding of scales and activations remains — an eighth of the bytes (the output projection
-  stays bf16). Norms, RoPE, attention, softmax and the residual stream stay fp32 in every mode;
+  only bf16 rounding of scales and activations remains — an eighth of the bytes, used for decode steps
+  of up to 4 rows (prefill and larger batches use a bf16 copy, where that kernel is faster; the output
+  projection stays bf16). Norms, RoPE, attention, softmax and the residual stream stay fp32 in every mode;
 - a preallocated KV cache (no ``torch.cat`` per token, doubled when full) and one additive padding mask;
 - ``n`` candidates of one prompt (rows ``i*n .. i*n+n-1``, as ``DecodeRun`` lays them out) share one
   prefill and one prompt cache (``fast_attention.shared_prefix_decode_attention``): ``n``× less prefill
@@ -153,6 +154,21 @@ class _Int4Linear:
         return y.reshape(*shape[:-1], self.out_features)
 
 
+class _SmallBatchInt4Linear:
+    """4-bit weights for calls of at most ``max_rows`` rows (decode steps of one or a few sequences), bf16
+    prepacked weights for larger ones (prefill, big batches): the 4-bit kernel reads an eighth of the fp32
+    bytes but computes slower, so past ~6 rows the bf16 kernel wins (measured: ``bench_decode.py --levers``)."""
+
+    def __init__(self, weight: torch.Tensor, batch_hint: int, max_rows: int = 4) -> None:
+        self.small = _Int4Linear(weight)
+        self.large = _PackedLinear(weight, torch.bfloat16, batch_hint)
+        self.out_features, self.in_features = weight.shape
+        self.max_rows = max_rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(x) if x.numel() <= self.max_rows * self.in_features else self.large(x)
+
+
 def quantize_int4_groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest 4-bit with one (scale, min) per ``group`` inputs: ``w ≈ q * scale + min``, q in 0..15.
 
@@ -174,7 +190,7 @@ def _make_linear(weight: torch.Tensor, precision: str, batch_hint: int):
     if precision == "int8":
         return _Int8Linear(weight)
     if precision == "int4":
-        return _Int4Linear(weight)
+        return _SmallBatchInt4Linear(weight, batch_hint)
     return _PackedLinear(weight, torch.float32 if precision == "fp32" else torch.bfloat16, batch_hint)
 
 
@@ -497,12 +513,12 @@ def make_stepper(
     """A ``FastStepper`` over ``model``'s weights (a ``ragloop.models.decoding.Stepper``).
 
     ``precision``: "fp32" (same function as the HF model), "bf16", "int8" or "int4" (matmul weights only;
-    int4 is the fastest for one or a few rows, bf16 for batches of 8 or more — see benchmarks/RESULTS.md).
+    "int4" = 4-bit for decode steps of up to 4 rows, bf16 otherwise — see benchmarks/RESULTS.md).
     ``max_batch`` rows at most per prefill; ``max_seq_len`` tokens (prompt + generated) at most per row
     (default: the model's ``max_position_embeddings``). The KV cache is sized per prefill, so these are
     limits, not allocations. Raises ``UsageError`` (a ``RagloopError``) for a model or setting it does not
     support — the caller then falls back to the HF stepper. Building packs a copy of the matmul weights
-    (fp32: the model's size again; bf16: half; int8: a quarter; int4: an eighth plus a bf16 output layer).
+    (fp32: the model's size again; bf16: half; int8: a quarter; int4: a bf16 copy plus an eighth).
     """
     t = time.perf_counter()
     stepper = FastStepper(model, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len)

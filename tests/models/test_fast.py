@@ -224,6 +224,21 @@ def test_quantize_int4_groupwise_recovers_a_q4_1_grid_exactly():
     assert torch.allclose(w2, w, atol=1e-6)
 
 
+def test_int4_linear_uses_4_bit_for_few_rows_and_bf16_for_many():
+    from ragloop.models.fast import _SmallBatchInt4Linear
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (32, 64), generator=g)
+    w = (q.reshape(32, 2, 32) * 0.01 - 0.08).reshape(32, 64)  # on a Q4_1 grid
+    lin = _SmallBatchInt4Linear(w, batch_hint=1, max_rows=4)
+    for rows in (1, 4, 5, 16):
+        x = torch.randn(rows, 64, generator=g)
+        y = lin(x).float()
+        assert torch.allclose(y, x @ w.T, atol=0.05, rtol=0.02), rows
+    x = torch.randn(4, 64, generator=g)
+    assert torch.equal(lin(x), lin.small(x)) and torch.equal(lin(torch.cat([x, x])), lin.large(torch.cat([x, x])))
+
+
 def test_bad_calls_are_clear_errors(tiny):
     stepper = make_stepper(tiny, max_batch=2, max_seq_len=16)
     with pytest.raises(UsageError, match="before prefill"):
