@@ -87,8 +87,12 @@ def quality_rows(tok, k: int) -> tuple[list[list[int]], list[list[int]]]:
 
 
 @torch.inference_mode()
-def teacher_forced_logits(stepper, prompts, answers, pad: int) -> list[torch.Tensor]:
-    """Logits (len(answer), V) predicting each answer token, through prefill + one step per token."""
+def teacher_forced_logits(stepper, prompts, answers, pad: int, rows: int = 4) -> list[torch.Tensor]:
+    """Logits (len(answer), V) predicting each answer token, through prefill + one step per token, ``rows``
+    texts at a time (4: the batch size at which int4 decodes with its 4-bit weights)."""
+    if len(prompts) > rows:
+        return [x for i in range(0, len(prompts), rows)
+                for x in teacher_forced_logits(stepper, prompts[i : i + rows], answers[i : i + rows], pad, rows)]
     from ragloop.models.decoding import left_pad
 
     ids, mask = left_pad(prompts, pad)
