@@ -234,7 +234,7 @@ def levers(model, tok) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="precision of the top-level figures")
+    ap.add_argument("--precision", choices=PRECISIONS, default="int4", help="precision of the top-level figures")
     ap.add_argument("--single-tokens", type=int, default=64, help="new tokens per single-stream prompt")
     ap.add_argument("--batch-tokens", type=int, default=48, help="new tokens per candidate, n=16")
     ap.add_argument("--reps", type=int, default=2, help="timed runs per measurement; the best is kept")

@@ -142,7 +142,11 @@ class _Int4Linear:
                 f"precision='int4' needs matmul shapes with N % 16 == 0 and K % {INT4_GROUP} == 0, got {N}x{K}",
                 hint="use precision='bf16' for this model",
             )
-        q, scale, minimum = quantize_int4_groupwise(weight.detach().float(), INT4_GROUP)
+        w = weight.detach().float()
+        q, scale, minimum = quantize_int4_groupwise(w, INT4_GROUP)
+        # weights already on a 4-bit grid (a Q4_1 GGUF's) come back exactly; others are rounded (lossy)
+        recon = q.view(N, K // INT4_GROUP, INT4_GROUP) * scale[..., None] + minimum[..., None]
+        self.on_grid = bool(((recon - w.view_as(recon)).abs() <= 1e-3 * scale[..., None]).all())
         self.q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # packed uint8
         zero = minimum + 8 * scale
         self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().bfloat16()  # (K/g, N, 2)
@@ -318,6 +322,11 @@ class FastStepper:
             # int4 keeps the output projection in bf16: it is the (tied) embedding, 8-bit in GGUF files
             head_precision = "bf16" if precision == "int4" else precision
             self.lm_head = _make_linear(model.lm_head.weight, head_precision, batch_hint=1)
+            if precision == "int4":
+                # True for the embedded model (Q4_1 GGUF); otherwise int4 rounds the weights (check quality)
+                self.int4_exact = all(lin.small.on_grid for layer in self.layers
+                                      for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+                log.info("int4 weights %s", "are exact (on a 4-bit grid)" if self.int4_exact else "are rounded")
             rope = model.model.rotary_emb
             self.inv_freq = rope.inv_freq.detach().float().clone()  # (hd/2,)
             self.rope_scale = float(getattr(rope, "attention_scaling", 1.0))

@@ -197,6 +197,8 @@ def test_int4_is_near_exact_on_weights_already_on_a_q4_1_grid(tiny):
                 q, scale, low = quantize_int4_groupwise(lin.weight.float(), 32)
                 lin.weight.copy_((q.reshape(N, K // 32, 32) * scale[..., None] + low[..., None]).reshape(N, K))
     agree, err = _agreement(model, "int4")
+    assert make_stepper(model, precision="int4").int4_exact
+    assert not make_stepper(tiny, precision="int4").int4_exact  # random weights: rounded
     assert agree >= 0.85
     assert 0 < err < 0.1
 
