@@ -9,7 +9,10 @@ Same model (the embedded SmolLM2-135M-Instruct, fp32), same prompts, same run:
 - every precision (fp32, bf16, int8, int4) is timed; the top-level figures are for ``--precision``;
 - quality: teacher-forced next-token (arg-max) agreement of each precision with the HF fp32 forward pass
   over the reference answers of the first ``--quality-texts`` GSM8K dev questions (``test_dev300.jsonl``),
-  and whether fp32-fast greedy tokens are identical to ``generate``'s.
+  and whether fp32-fast greedy tokens are identical to ``generate``'s;
+- with ``--pal N``, a task score: the PAL agent (8-shot, greedy, seed 0, the sandbox) on the first N
+  ``test_dev300.jsonl`` questions decoded with fp32 and with ``--precision`` — accuracy with a 95% CI each,
+  and how many questions got the same answer (the gate for offering a reduced precision).
 
 End-of-sequence is disabled on both sides (``min_new_tokens`` / no end ids) so both decode exactly the same
 number of tokens. The last line printed is one JSON object. Run: ``.venv/bin/python benchmarks/bench_decode.py``.
@@ -241,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quality-texts", type=int, default=8, help="GSM8K dev rows for the agreement check")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--levers", action="store_true", help="measure each lever instead (kernels, steps, sharing)")
+    ap.add_argument("--pal", type=int, default=0, metavar="N",
+                    help="also score PAL on the first N GSM8K dev questions with fp32 and --precision (slow)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -348,8 +353,39 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_1m": [load_before, round(os.getloadavg()[0], 2)],  # before, after
         "total_s": round(time.perf_counter() - t0, 1),
     }
+    if args.pal:
+        result["pal_quality"] = pal_quality(model, tok, args.pal, args.precision)
+        result["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
     return result
+
+
+def pal_quality(model: torch.nn.Module, tok, n: int, precision: str) -> dict:
+    """PAL accuracy on the first ``n`` GSM8K dev questions decoded in fp32 and in ``precision`` (same agent,
+    same greedy decoding, same sandbox), and the fraction of questions where the two answers agree."""
+    from ragloop.agents.sandbox import Sandbox
+    from ragloop.eval.runners import RunConfig, run_benchmark
+    from ragloop.models.local import LocalPolicy
+
+    out: dict = {"n": n, "agent": "pal 8-shot greedy seed 0", "data": f"test_dev300.jsonl[0:{n}]"}
+    answers = {}
+    sandbox = Sandbox()
+    for prec in dict.fromkeys(("fp32", precision)):
+        policy = LocalPolicy.from_model(model, tok, name="SmolLM2-135M-Instruct", precision=prec)
+        cfg = RunConfig(task="gsm8k", agent="pal", data=str(DATA / "gsm8k" / "test_dev300.jsonl"), limit=n, seed=0)
+        got: list = []
+        cpu = time.process_time()
+        rep = run_benchmark(cfg, policy, sandbox=sandbox, progress=lambda i, k, trace, got=got: got.append(trace.answer))
+        out[prec] = {"accuracy": round(rep.accuracy, 4), "ci95": [round(x, 4) for x in rep.ci95],
+                     "correct": rep.correct, "format_valid": round(rep.format_valid, 4),
+                     "seconds_per_question": round(rep.seconds_per_question, 2),
+                     "cpu_s": round(time.process_time() - cpu, 1)}
+        answers[prec] = got
+    if precision != "fp32":
+        same = sum(a == b for a, b in zip(answers["fp32"], answers[precision], strict=True))
+        out["same_answer"] = round(same / n, 4)
+        out["accuracy_delta"] = round(out[precision]["accuracy"] - out["fp32"]["accuracy"], 4)
+    return out
 
 
 if __name__ == "__main__":

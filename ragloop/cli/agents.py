@@ -19,11 +19,12 @@ from ragloop.core.config import load_config, ragloop_home
 from ragloop.core.errors import DataError, UsageError
 
 POLICY_HELP = "Policy model: default, an HF directory, a .gguf file or a ragloop checkpoint."
+PRECISION_HELP = "Decode weights of the fast path: fp32 (exact), bf16, int8 or int4 (faster; see RESULTS.md)."
 AGENT_HELP = "Agent: react (Thought/Action/Observation), pal (program + sandbox) or cot (chain of thought)."
 
 
-def load_policy_spec(spec: str | None) -> Any:
-    """A policy from a CLI spec (see the module docstring)."""
+def load_policy_spec(spec: str | None, precision: str = "fp32") -> Any:
+    """A policy from a CLI spec (see the module docstring); ``precision`` = the fast decode path's weights."""
     spec = spec or load_config().get("models", {}).get("policy")
     if spec and spec.startswith("scripted:"):
         from ragloop.models.scripted import ScriptedPolicy
@@ -40,7 +41,7 @@ def load_policy_spec(spec: str | None) -> Any:
         raise UsageError(f"{path}: expected a JSON list of responses or {{'responses': [...]}}")
     from ragloop.models import load_policy
 
-    return load_policy(spec)
+    return load_policy(spec, precision=precision)
 
 
 def _shared(*parts: str) -> str:
@@ -74,6 +75,7 @@ def ask_cmd(
     save: str | None = typer.Option(None, "--save", help="Append the Trace to this JSONL file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; print only the answer."),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
+    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
 ) -> None:
     """Ask one question; the agent reasons (and searches / computes) and answers."""
     from ragloop.agents.factory import AgentSpec, build_agent
@@ -100,7 +102,7 @@ def ask_cmd(
         from ragloop.retrieval import Retriever
 
         retriever = Retriever.open(index)
-    pol = load_policy_spec(policy)
+    pol = load_policy_spec(policy, precision)
     printer = None if (quiet or as_json) else EventPrinter(_console())
     trace = build_agent(pol, spec, retriever=retriever, on_event=printer).run(question)
     if save:
@@ -116,6 +118,7 @@ def chat_cmd(
     agent: str = typer.Option("react", "--agent", "-a", help=AGENT_HELP),
     index: str | None = typer.Option(None, "--index", "-i", help="Index (path or name) that ReAct searches."),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
+    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     timeout: float = typer.Option(5.0, "--timeout", help="Wall-clock limit of each sandboxed program, seconds."),
@@ -128,7 +131,7 @@ def chat_cmd(
     session = ChatSession(agent=agent, index=index, settings={"temperature": temperature, "seed": seed})
     if not 0 < timeout <= 3600:
         raise UsageError(f"--timeout must be in (0, 3600] seconds, got {timeout}")
-    rc = run_repl(session, lambda: load_policy_spec(policy), history_file=ragloop_home() / "chat_history",
+    rc = run_repl(session, lambda: load_policy_spec(policy, precision), history_file=ragloop_home() / "chat_history",
                   sandbox_seconds=timeout)
     raise typer.Exit(rc)
 
@@ -178,6 +181,7 @@ def eval_gsm8k_cmd(
     limit: int | None = typer.Option(None, "--limit", help="Use this many rows (from --offset)."),
     offset: int = typer.Option(0, "--offset", help="Skip this many rows first."),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
+    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed (decoding is greedy; recorded in every trace)."),
     out: str | None = typer.Option(None, "--out", help="Traces JSONL (default under ~/.ragloop/traces)."),
     shots: int | None = typer.Option(None, "--shots", help="Exemplars (default: 8 for PAL/CoT, 4 for ReAct)."),
@@ -197,7 +201,7 @@ def eval_gsm8k_cmd(
                     self_consistency=self_consistency, max_new_tokens=max_new_tokens, max_steps=max_steps,
                     prompt_style=prompt_style, fallback=fallback)  # type: ignore[arg-type]
     _check_agent(agent)
-    report = run_benchmark(cfg, load_policy_spec(policy), progress=_progress(quiet))
+    report = run_benchmark(cfg, load_policy_spec(policy, precision), progress=_progress(quiet))
     _print_report(report, as_json)
 
 
@@ -210,6 +214,7 @@ def eval_claims_cmd(
     limit: int | None = typer.Option(None, "--limit", help="Use this many claims (from --offset)."),
     offset: int = typer.Option(0, "--offset", help="Skip this many claims first."),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
+    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed (decoding is greedy; recorded in every trace)."),
     out: str | None = typer.Option(None, "--out", help="Traces JSONL (default under ~/.ragloop/traces)."),
     shots: int | None = typer.Option(None, "--shots", help="Exemplars (default 3, the paper's FEVER prompt)."),
@@ -234,7 +239,7 @@ def eval_claims_cmd(
                     limit=limit, offset=offset, seed=seed, out=out or _default_out("claims", agent, seed), shots=shots,
                     max_new_tokens=max_new_tokens, max_steps=max_steps, prompt_style=prompt_style,
                     fallback=fallback, extra_settings={"index": index})  # type: ignore[arg-type]
-    report = run_benchmark(cfg, load_policy_spec(policy), retriever=retriever, progress=_progress(quiet))
+    report = run_benchmark(cfg, load_policy_spec(policy, precision), retriever=retriever, progress=_progress(quiet))
     _print_report(report, as_json)
 
 

@@ -99,6 +99,8 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     backend: str = typer.Option("auto", "--backend", help="Decode path: auto, hf or fast."),
     dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16, float16."),
+    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION",
+                                  help="Fast decode path weights: fp32 (exact), bf16, int8 or int4 (faster)."),
 ) -> None:
     """Generate text with the local policy model."""
     from ragloop.models.types import GenerationConfig
@@ -119,7 +121,7 @@ def generate_cmd(
                       repetition_penalty, show_logprobs or as_json)
     from ragloop.models.loading import load_policy
 
-    pol = load_policy(_policy_spec(policy), dtype=dtype, backend=backend)
+    pol = load_policy(_policy_spec(policy), dtype=dtype, backend=backend, precision=precision)
     messages: Any
     if raw:
         messages = prompt

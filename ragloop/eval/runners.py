@@ -303,6 +303,8 @@ def run_benchmark(
     traces, seconds = run_examples(agent, examples, task=cfg.task, out=cfg.out, progress=progress)
     end = cfg.offset + len(examples)
     settings = {**effective_settings(agent), **cfg.extra_settings}
+    if getattr(policy, "precision", None):  # the decode weights (fp32 unless a reduced precision was asked for)
+        settings["precision"] = policy.precision
     return summarize(traces, task=cfg.task, agent=cfg.agent, model=getattr(policy, "name", "?"),
                      data=str(cfg.data), slice_=f"{Path(cfg.data).name}[{cfg.offset}:{end}]", seed=cfg.seed,
                      seconds=seconds, out=cfg.out, settings=settings)

@@ -461,15 +461,22 @@ def load_policy(
     dtype: Any = "float32",
     cache_dir: str | os.PathLike[str] | None = None,
     backend: str = "auto",
+    precision: str = "fp32",
 ) -> LocalPolicy:
     """Load a local policy. ``spec``: None/"default" (embedded SmolLM2), an HF directory, a .gguf file or a
     ragloop checkpoint directory. ``dtype``: "float32" (default), "bfloat16", "float16" or "auto".
-    ``backend``: the decode path, "auto" (fast path when available), "hf" or "fast"."""
-    from ragloop.models.local import LocalPolicy
+    ``backend``: the decode path, "auto" (fast path when available), "hf" or "fast". ``precision``: the
+    fast path's decode weights, "fp32" (default), "bf16", "int8" or "int4" (see ``LocalPolicy``)."""
+    from ragloop.models.local import PRECISIONS, LocalPolicy
 
+    if precision not in PRECISIONS:  # before the slow load
+        raise UsageError(f"unknown decode precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and backend == "hf":
+        raise UsageError(f"precision {precision} needs the fast decode path, not backend 'hf'",
+                         hint="use --backend auto (or fast), or --precision fp32")
     t0 = time.perf_counter()
     model, tok, source = load_model_and_tokenizer(spec, dtype=dtype, cache_dir=cache_dir)
-    policy = LocalPolicy(model, tok, name=source.name, backend=backend)
+    policy = LocalPolicy(model, tok, name=source.name, backend=backend, precision=precision)
     log.info("loaded %s in %.1f s", source.name, time.perf_counter() - t0)
     return policy
 

@@ -9,6 +9,12 @@ Decoding runs ``ragloop.models.decoding.DecodeRun`` over a *stepper* (the forwar
 ``ragloop.models.fast.make_stepper(model)``; ``"auto"`` (default) uses the fast path when that module is
 present and supports the model, else the reference. A fast stepper is rebuilt whenever the weights change
 (it may hold a repacked copy of them).
+
+``precision`` picks the fast path's matmul weights: "fp32" (default; greedy tokens identical to the
+reference), or the reduced "bf16", "int8", "int4" (faster; quality measured by ``benchmarks/bench_decode.py``
+— next-token agreement with fp32 and PAL accuracy — and recorded in ``benchmarks/RESULTS.md``). It applies
+to decoding only: ``score``/``logprobs_of`` and training always run the model's own fp32 forward pass. A
+reduced precision needs the fast path, so it refuses ``backend="hf"`` and never falls back silently.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from ragloop.models.types import ChatMessages, Generation, GenerationConfig, Pro
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "hf", "fast")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
 
 def _end_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -60,9 +67,15 @@ class LocalPolicy:
         context_window: int | None = None,
         backend: str = "auto",
         max_batch_rows: int = 64,
+        precision: str = "fp32",
     ) -> None:
         if backend not in BACKENDS:
             raise UsageError(f"unknown decode backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if precision not in PRECISIONS:
+            raise UsageError(f"unknown decode precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision != "fp32" and backend == "hf":
+            raise UsageError(f"precision {precision} needs the fast decode path, not backend 'hf'",
+                             hint="use --backend auto (or fast), or --precision fp32")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -71,6 +84,7 @@ class LocalPolicy:
             raise UsageError(f"cannot tell the context window of {name}; pass context_window=")
         self.context_window = int(cw)
         self.backend = backend
+        self.precision = precision
         self.max_batch_rows = max_batch_rows
         self.end_ids = _end_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
@@ -87,15 +101,18 @@ class LocalPolicy:
         name: str = "local",
         context_window: int | None = None,
         backend: str = "auto",
+        precision: str = "fp32",
     ) -> LocalPolicy:
         """Wrap an in-memory model and tokenizer (e.g. ``build_tiny_llama``'s) as a policy."""
         from ragloop.models.chat import ensure_chat_template
 
         ensure_chat_template(tokenizer)
-        return cls(model, tokenizer, name=name, context_window=context_window, backend=backend)
+        return cls(model, tokenizer, name=name, context_window=context_window, backend=backend, precision=precision)
 
     def __repr__(self) -> str:
-        return f"LocalPolicy(name={self.name!r}, context_window={self.context_window}, backend={self.backend!r})"
+        extra = f", precision={self.precision!r}" if self.precision != "fp32" else ""
+        return (f"LocalPolicy(name={self.name!r}, context_window={self.context_window}, "
+                f"backend={self.backend!r}{extra})")
 
     # -- text ----------------------------------------------------------------------------------------------
 
@@ -152,6 +169,9 @@ class LocalPolicy:
         if too_big:
             if self.backend == "fast":
                 raise UsageError(f"the fast decode path cannot hold {rows} rows of {max_len} tokens")
+            if self.precision != "fp32":
+                log.warning("%d rows of %d tokens exceed the fast path; decoding them in fp32 instead of %s",
+                            rows, max_len, self.precision)
             return HFStepper(self.model)
         return self._stepper
 
@@ -159,17 +179,17 @@ class LocalPolicy:
         try:
             fast = importlib.import_module("ragloop.models.fast")
         except ModuleNotFoundError as e:
-            if e.name != "ragloop.models.fast" or self.backend == "fast":
+            if e.name != "ragloop.models.fast" or self.backend == "fast" or self.precision != "fp32":
                 raise UsageError("the fast decode path (ragloop.models.fast) is not available") from None
             return None
         try:
-            stepper = fast.make_stepper(self.model)
+            stepper = fast.make_stepper(self.model, precision=self.precision)
         except (RagloopError, NotImplementedError, ValueError, TypeError) as e:
-            if self.backend == "fast":
+            if self.backend == "fast" or self.precision != "fp32":
                 raise UsageError(f"the fast decode path does not support {self.name}: {e}") from None
             log.info("fast decode path unavailable for %s (%s); using transformers", self.name, e)
             return None
-        if stepper is None and self.backend == "fast":
+        if stepper is None and (self.backend == "fast" or self.precision != "fp32"):
             raise UsageError(f"the fast decode path does not support {self.name}")
         return stepper
 
