@@ -55,7 +55,7 @@ from ragloop.models.types import GenerationConfig
 
 log = logging.getLogger(__name__)
 
-TASKS = ("gsm8k-pal",)
+TASKS = ("gsm8k-pal", "scifact-react")  # scifact-react: ragloop.alignment.improve_react
 
 
 def default_data_dir() -> Path:
@@ -105,11 +105,12 @@ class ImproveConfig:
     general_n: int = 16  # held-out general chat rows (HH chosen dialogues) for the forgetting probe
     min_stage_seconds: float = 5.0
     reserve_seconds: float = 60.0  # kept free at the end besides the final evaluation (KL, table, plots)
+    index: str = "scifact"  # scifact-react: the SciFact corpus index (name or path)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise UsageError(f"unknown task {self.task!r}; available: {', '.join(TASKS)}",
-                             hint="SciFact-ReAct is planned; use --task gsm8k-pal")
+                             hint=f"use --task {' or --task '.join(TASKS)}")
         if self.budget_minutes <= 0:
             raise ConfigError("budget_minutes must be > 0")
         if self.eval_n < 1 or self.collect_samples < 1:
@@ -265,8 +266,17 @@ def _table(before: dict[str, Any], after: dict[str, Any], extra: dict[str, Any])
 
 def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the loop; returns the summary (also written to ``<out>/summary.json``). ``policy`` may be passed
-    in (tests use the tiny model); otherwise ``cfg.policy`` is loaded."""
+    in (tests use the tiny model); otherwise ``cfg.policy`` is loaded. ``task="scifact-react"`` runs
+    ``ragloop.alignment.improve_react`` with this config's shared settings."""
     import copy
+
+    if cfg.task == "scifact-react":
+        from ragloop.alignment.improve_react import ReactImproveConfig, run_improve_react
+
+        rcfg = ReactImproveConfig(out_dir=cfg.out_dir, policy=cfg.policy, index=cfg.index,
+                                  budget_minutes=cfg.budget_minutes, budget_clock=cfg.budget_clock, seed=cfg.seed,
+                                  data_dir=cfg.data_dir, eval_n=cfg.eval_n, sft_method=cfg.sft_method)
+        return run_improve_react(rcfg, policy=policy, progress=progress)
 
     import torch
 

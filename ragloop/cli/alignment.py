@@ -225,24 +225,28 @@ def rlaif_label(
 
 def improve(
     out: Path = typer.Option(..., "--out", help="Output directory (summary.json, table.md, traces/, sft/, rm/, ppo/)."),
-    task: str = typer.Option("gsm8k-pal", "--task", help="gsm8k-pal"),
+    task: str = typer.Option("gsm8k-pal", "--task", help="gsm8k-pal or scifact-react."),
     budget_minutes: float = typer.Option(60.0, "--budget-minutes", help="Budget for the whole loop (see --budget-clock)."),
     budget_clock: str = typer.Option("cpu", "--budget-clock",
                                      help="'cpu': machine-minutes = CPU time ÷ torch threads (fair on a shared "
                                           "machine); 'wall': wall-clock minutes."),
     policy: str | None = typer.Option(None, "--policy", help=POLICY_HELP),
-    eval_n: int = typer.Option(150, "--eval-n", help="First N rows of gsm8k/test_dev300.jsonl (held-out slice)."),
+    eval_n: int | None = typer.Option(None, "--eval-n",
+                                      help="Held-out slice: the first N rows of gsm8k/test_dev300.jsonl (default "
+                                           "150) or of scifact/claims_train.csv (default 100)."),
+    index: str = typer.Option("scifact", "--index", help="scifact-react: index of the SciFact corpus (name or path)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="The shared data folder (default ../shared/data)."),
     no_ppo: bool = typer.Option(False, "--no-ppo"),
     no_rm: bool = typer.Option(False, "--no-rm"),
     lora: bool = typer.Option(False, "--lora", help="LoRA SFT instead of full fine-tuning."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """The whole loop: baseline eval → collect → filter/critique → SFT → reward model → PPO → eval again."""
+    """The whole loop: baseline eval → collect → filter/critique → SFT → reward model → PPO → eval again.
+    With --task scifact-react: baseline ReAct eval → teacher traces → SFT → eval again."""
     from ragloop.alignment.improve import ImproveConfig, run_improve
 
     cfg = ImproveConfig(out_dir=str(out), task=task, budget_minutes=budget_minutes, budget_clock=budget_clock,
-                        policy=policy, eval_n=eval_n,
+                        policy=policy, eval_n=eval_n if eval_n is not None else (100 if task == "scifact-react" else 150), index=index,
                         data_dir=str(data_dir) if data_dir else None, ppo=not no_ppo, rm=not no_rm,
                         sft_method="lora" if lora else "full", seed=seed)
     summary = run_improve(cfg, progress=lambda msg: typer.echo(msg, err=True))
