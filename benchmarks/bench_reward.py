@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--head-lr", type=float, default=d.head_lr)
     ap.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     ap.add_argument("--max-length", type=int, default=d.max_length)
-    ap.add_argument("--pooling", choices=["mean", "cls"], default=d.pooling)
+    ap.add_argument("--pooling", choices=["mean", "cls", "response"], default=d.pooling)
     ap.add_argument("--head-init", choices=["probe", "zero"], default=d.head_init)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--no-length-sort", action="store_true", help="random batches (more padding)")

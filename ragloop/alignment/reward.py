@@ -52,6 +52,7 @@ from ragloop.core.errors import ConfigError, DataError, ModelLoadError, ModelNot
 log = logging.getLogger(__name__)
 
 RM_META = "reward.json"
+POOLINGS = ("cls", "mean", "response")  # response: the mean over the response's tokens (token type 1) only
 HEAD_FILE = "head.safetensors"
 
 
@@ -111,11 +112,11 @@ class EncodeStats:
 class RewardModel(nn.Module):
     """Encoder + linear head → one scalar per (prompt, response)."""
 
-    def __init__(self, encoder: Any, tokenizer: Any, *, pooling: Literal["cls", "mean"] = "mean",
+    def __init__(self, encoder: Any, tokenizer: Any, *, pooling: Literal["cls", "mean", "response"] = "mean",
                  max_length: int = 256) -> None:
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ConfigError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -190,7 +191,8 @@ class RewardModel(nn.Module):
                          attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         if self.pooling == "cls":
             return h[:, 0]  # (B, H)
-        m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+        keep = attention_mask * token_type_ids if self.pooling == "response" else attention_mask  # (B, T)
+        m = keep.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -265,7 +267,7 @@ class RewardConfig:
 
     out_dir: str
     encoder: str | None = None  # encoder directory; None = the embedded MiniLM
-    pooling: Literal["cls", "mean"] = "mean"
+    pooling: Literal["cls", "mean", "response"] = "mean"
     max_length: int = 256
     freeze_backbone: bool = False  # train the head only, on cached features
     freeze_layers: int = 0  # with an unfrozen backbone: freeze embeddings + the first k layers
@@ -300,8 +302,8 @@ class RewardConfig:
             raise ConfigError("epochs and batch_size must be >= 1, max_length >= 16")
         if self.lr <= 0 or self.head_lr <= 0:
             raise ConfigError("learning rates must be > 0")
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.head_init not in ("probe", "zero") or self.lr_schedule not in ("linear", "constant"):
             raise ConfigError("head_init must be 'probe' or 'zero'; lr_schedule 'linear' or 'constant'")
         if not (0 <= self.warmup_ratio < 1) or self.patience < 1 or not self.probe_l2:

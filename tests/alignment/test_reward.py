@@ -95,6 +95,22 @@ def test_long_response_cut_is_counted_never_silent(fresh_rm):
     assert ids[-1 - n_resp : -1] == r[:n_resp]  # the response's head is kept, its tail cut and counted
 
 
+def test_response_pooling_averages_response_tokens_only(fresh_rm):
+    b = fresh_rm.batch(["a long prompt about many things", "hi"], ["short reply", "a somewhat longer reply here"])
+    with torch.no_grad():
+        h = fresh_rm.encoder(**b).last_hidden_state  # (B, T, H)
+        fresh_rm.pooling = "response"
+        try:
+            got = fresh_rm.pooled(**b)  # (B, H)
+        finally:
+            fresh_rm.pooling = "mean"
+    for i in range(2):
+        keep = (b["token_type_ids"][i] == 1) & (b["attention_mask"][i] == 1)  # (T,)
+        assert torch.allclose(got[i], h[i][keep].mean(0), atol=1e-5)
+    with pytest.raises(ConfigError, match="pooling"):
+        RewardConfig(out_dir="x", pooling="max")
+
+
 def test_schedule_and_length_sorted_batches():
     assert lr_factor(0, 10, 0.2, "linear") == pytest.approx(1 / 3)
     assert lr_factor(2, 10, 0.2, "linear") == 1.0 and lr_factor(6, 10, 0.2, "linear") == 0.5
