@@ -326,7 +326,7 @@ class RewardResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     n_val: int = 0
     val_curve: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (epoch 0 = the probe)
-    best_epoch: int | None = None
+    best_epoch: float | None = None  # a whole epoch, or the fraction reached when the budget stopped it
     probe: dict[str, Any] = field(default_factory=dict)  # the linear probe: chosen L2, val/test accuracy
 
     def to_dict(self) -> dict[str, Any]:
@@ -625,9 +625,11 @@ def train_reward_model(
                                 "skipped": guard.skipped})
         if progress:
             progress(row)
-        if step % steps_per_epoch == 0 and val:
+        over = cfg.budget_seconds is not None and clock() - b0 > cfg.budget_seconds
+        if (step % steps_per_epoch == 0 or over) and val:  # a budget stop validates the partial epoch too
             ev = _evaluate_encoded(rm, enc_va)
-            val_curve.append({"epoch": step // steps_per_epoch, "train_loss": sum(epoch_losses) / len(epoch_losses),
+            at = step // steps_per_epoch if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 3)
+            val_curve.append({"epoch": at, "train_loss": sum(epoch_losses) / len(epoch_losses),
                               **{f"val_{k}": v for k, v in ev.items()}})
             epoch_losses = []
             log.info("reward model: %s", val_curve[-1])
@@ -642,7 +644,6 @@ def train_reward_model(
                 stopped = bad_epochs >= cfg.patience
         elif step % steps_per_epoch == 0:
             epoch_losses = []
-        over = cfg.budget_seconds is not None and clock() - b0 > cfg.budget_seconds
         if step % cfg.save_every == 0 or step == total or over or stopped:
             save(step)
         if over:

@@ -186,6 +186,9 @@ def test_validation_curve_early_stop_keeps_best_epoch(tmp_path):
     from ragloop.alignment.reward import evaluate_pairs
 
     assert evaluate_pairs(kept, _pairs(4))["accuracy"] == pytest.approx(best["val_accuracy"])
+    cut = train_reward_model(RewardConfig(out_dir=str(tmp_path / "rm3"), freeze_layers=5, epochs=2, batch_size=4,
+                                          max_length=32, budget_seconds=0.0), _pairs(8), val_pairs=_pairs(4))
+    assert res.steps >= 1 and cut.steps == 1 and [r["epoch"] for r in cut.val_curve] == [0, 0.5]  # budget: validated
     auto = train_reward_model(RewardConfig(out_dir=str(tmp_path / "rm2"), freeze_backbone=True, max_length=32,
                                            min_val_pairs=2), _pairs(20))
     assert (auto.n_train, auto.n_val, auto.n_test) == (14, 2, 4)  # rows 0-13 train, 14-15 validate, 16-19 test
