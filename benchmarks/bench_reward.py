@@ -85,7 +85,7 @@ def main() -> None:
                        head_init=args.head_init, batch_size=args.batch_size, length_sorted=not args.no_length_sort,
                        save_every=10_000)
     res = train_reward_model(cfg, train, val_pairs=val, test_pairs=[] if args.no_test else test,
-                             progress=lambda r: print(json.dumps({k: (_r(v) if isinstance(v, float) else v)
+                             progress=lambda r: print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v)
                                                                   for k, v in r.items()}), file=sys.stderr)
                              if "epoch" in r or r["step"] % 10 == 0 else None)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
