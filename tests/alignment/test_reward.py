@@ -96,6 +96,7 @@ def test_long_response_cut_is_counted_never_silent(fresh_rm):
 
 
 def test_response_pooling_averages_response_tokens_only(fresh_rm):
+    fresh_rm.eval()  # no dropout: both forward passes must agree
     b = fresh_rm.batch(["a long prompt about many things", "hi"], ["short reply", "a somewhat longer reply here"])
     with torch.no_grad():
         h = fresh_rm.encoder(**b).last_hidden_state  # (B, T, H)
