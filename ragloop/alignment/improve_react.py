@@ -34,6 +34,7 @@ the teacher's trace length, and reserved; SFT gets what is left.
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
 import random
@@ -87,7 +88,8 @@ class ReactImproveConfig:
     require_evidence_shown: bool = True  # drop SUPPORT/CONTRADICT traces whose shown passage is not the evidence
     sft_method: str = "full"
     sft_lr: float = 1e-4
-    sft_batch: int = 8
+    sft_batch: int = 4  # micro-batch; × sft_grad_accum = 8 rows per step (a full-vocabulary logits tensor of
+    sft_grad_accum: int = 2  # 8 × ~500 tokens is ~0.8 GB in fp32: halving the micro-batch halves that peak)
     sft_max_length: int = 768
     sft_bf16: bool = True
     sft_epochs: int = 1
@@ -296,20 +298,28 @@ def evaluate_claims(policy: Any, retriever: Any, examples: Sequence[Any], cfg: R
                     tag: str, now: Callable[[], float]) -> tuple[dict[str, Any], list[Trace]]:
     """The claims agent on ``examples``; the runner's report plus the valid-action rates."""
     from ragloop.agents.factory import build_agent
-    from ragloop.eval.runners import run_examples, summarize
+    from ragloop.eval.runners import run_examples
 
     c0 = now()
     agent = build_agent(policy, cfg.agent_spec(), retriever=retriever)
     traces, seconds = run_examples(agent, examples, task="claims", out=out / "traces" / f"eval-{tag}.jsonl")
-    rep = summarize(traces, task="claims", agent="react", model=policy.name, data=cfg.claims_file,
-                    slice_=f"claims_train.csv[0:{len(examples)}]", seed=cfg.seed, seconds=seconds).to_dict()
+    return eval_summary(traces, cfg, policy_name=policy.name, seconds=seconds, budget_seconds=now() - c0), traces
+
+
+def eval_summary(traces: Sequence[Trace], cfg: ReactImproveConfig, *, policy_name: str, seconds: float,
+                 budget_seconds: float | None) -> dict[str, Any]:
+    """Scored claim traces → the figures of one side of the table."""
+    from ragloop.eval.runners import summarize
+
+    rep = summarize(traces, task="claims", agent="react", model=policy_name, data=cfg.claims_file,
+                    slice_=f"claims_train.csv[0:{len(traces)}]", seed=cfg.seed, seconds=seconds).to_dict()
     keep = ("n", "correct", "accuracy", "ci95", "format_valid", "format_valid_strict", "finished",
             "tool_success", "predictions", "by_gold", "tokens_out_per_question", "seconds_per_question")
     s = {k: rep[k] for k in keep}
     s.update(action_metrics(traces))
-    s.update({"policy": policy.name, "seconds": round(seconds, 1), "budget_seconds": round(now() - c0, 1),
+    s.update({"policy": policy_name, "seconds": round(seconds, 1), "budget_seconds": None if budget_seconds is None else round(budget_seconds, 1),
               "tokens_out": sum(t.tokens_out for t in traces)})
-    return s, traces
+    return s
 
 
 def run_improve_react(cfg: ReactImproveConfig, *, policy: Any = None, retriever: Any = None,
@@ -375,13 +385,14 @@ def run_improve_react(cfg: ReactImproveConfig, *, policy: Any = None, retriever:
     general = _general_rows(data, cfg.general_n)
     say(f"SFT on {len(rows)} rows, budget {sft_budget / 60:.1f} min (after-eval reserved {after_guess / 60:.1f} min)")
     sft_cfg = SFTConfig(out_dir=str(out / "sft"), method=cfg.sft_method, lr=cfg.sft_lr,  # type: ignore[arg-type]
-                        batch_size=cfg.sft_batch, max_length=cfg.sft_max_length, bf16=cfg.sft_bf16, seed=cfg.seed,
+                        batch_size=cfg.sft_batch, grad_accum=cfg.sft_grad_accum, max_length=cfg.sft_max_length, bf16=cfg.sft_bf16, seed=cfg.seed,
                         budget_seconds=sft_budget, save_every=25, warmup_steps=3, name=f"{start_name}-scifact-react",
                         epochs=cfg.sft_epochs, budget_clock=cfg.budget_clock)
     res = run_sft(sft_cfg, policy, rows, general_rows=general)
+    gc.collect()  # the training step's activations and optimizer state are garbage now
     policy.name = f"{start_name}-scifact-react"
     stages["sft"] = {"steps": res.steps, "final_loss": res.final_loss, "stopped_by": res.stopped_by,
-                     "rows": len(rows), "rows_seen": min(len(rows), res.steps * cfg.sft_batch),
+                     "rows": len(rows), "rows_seen": min(len(rows), res.steps * cfg.sft_batch * cfg.sft_grad_accum),
                      "tokens_per_s": res.tokens_per_second, "budget_s": round(sft_budget, 1),
                      "general_nll_before": res.general_nll_before, "general_nll_after": res.general_nll_after,
                      "data": res.data_report}
@@ -393,9 +404,19 @@ def run_improve_react(cfg: ReactImproveConfig, *, policy: Any = None, retriever:
         f"{100 * after['valid_action_rate']:.1f}% of {after['model_steps']} steps, valid finish "
         f"{100 * after['valid_finish_rate']:.1f}%, {after['seconds']:.0f} s")
     ckpt = str(res.policy_dir) if res.policy_dir else None
+    return write_summary(cfg, before, after, stages, ckpt=ckpt, start_name=start_name,
+                         index=str(getattr(retriever, "path", cfg.index)),
+                         elapsed_minutes=(now() - t_start) / 60, wall_minutes=(time.perf_counter() - wall0) / 60)
+
+
+def write_summary(cfg: ReactImproveConfig, before: dict[str, Any], after: dict[str, Any], stages: dict[str, Any], *,
+                  ckpt: str | None, start_name: str, index: str, elapsed_minutes: float,
+                  wall_minutes: float) -> dict[str, Any]:
+    """``summary.json`` and ``table.md`` in ``cfg.out_dir``; returns the summary."""
+    out = Path(cfg.out_dir)
+    n = before["n"]
     summary = {
-        "task": "scifact-react", "slice": f"{cfg.claims_file} claims 0-{len(examples) - 1} (first {len(examples)})",
-        "index": str(getattr(retriever, "path", cfg.index)),
+        "task": "scifact-react", "slice": f"{cfg.claims_file} claims 0-{n - 1} (first {n})", "index": index,
         "definitions": {
             "valid_action_rate": "per step: fraction of the model's ReAct steps whose Action line parses strictly "
                                  "(no parser repair, no re-ask) as Search/Lookup/Finish with a non-empty argument",
@@ -407,14 +428,71 @@ def run_improve_react(cfg: ReactImproveConfig, *, policy: Any = None, retriever:
         "before": before, "after": after, "policy": ckpt, "start_policy": start_name,
         "eval_command": cfg.eval_command(ckpt or "<policy>"),
         "budget_minutes": cfg.budget_minutes, "budget_clock": cfg.budget_clock,
-        "elapsed_minutes": round((now() - t_start) / 60, 2),
-        "wall_minutes": round((time.perf_counter() - wall0) / 60, 2), "stages": stages, "config": asdict(cfg),
+        "elapsed_minutes": round(elapsed_minutes, 2), "wall_minutes": round(wall_minutes, 2), "stages": stages,
+        "config": asdict(cfg),
     }
     table = react_table(before, after)
     summary["table"] = table
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
     return summary
+
+
+def finish_after_sft(cfg: ReactImproveConfig, *, policy: Any = None, retriever: Any = None,
+                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Finish a loop that stopped after its SFT stage (e.g. killed for memory during the after-evaluation):
+    re-score the saved before traces, evaluate the exported policy ``<out>/sft/policy`` on the same slice in
+    this process, and write the summary (``stages.finished_after_sft`` says so). The budget figures then
+    cover only this finishing run."""
+    from ragloop.alignment.improve import default_data_dir
+    from ragloop.core.trace import read_traces
+    from ragloop.eval.runners import load_claims, normalize_label
+
+    out = Path(cfg.out_dir)
+    now, t_start = _clock(cfg.budget_clock)
+    wall0 = time.perf_counter()
+    say = progress or (lambda msg: log.info(msg))
+    before_path, ckpt = out / "traces" / "eval-before.jsonl", out / "sft" / "policy"
+    if not before_path.is_file() or not (ckpt / "ragloop.json").is_file():
+        raise DataError(f"{out} holds no finished SFT stage (need {before_path} and {ckpt})",
+                        hint="run the whole loop: ragloop improve --task scifact-react --out DIR")
+    before_traces = read_traces(before_path)
+    if len(before_traces) != cfg.eval_n:
+        raise DataError(f"{before_path} holds {len(before_traces)} traces, not eval_n={cfg.eval_n}")
+    examples = load_claims((Path(cfg.data_dir) if cfg.data_dir else default_data_dir()) / cfg.claims_file,
+                           limit=cfg.eval_n)
+    if [e.id for e in examples] != [t.meta.get("example_id") for t in before_traces]:
+        raise DataError(f"{before_path} is not the first {cfg.eval_n} claims of {cfg.claims_file}")
+    for t, e in zip(before_traces, examples, strict=True):  # scored again, as the runner scores
+        t.feedback.correct = normalize_label(t.answer) == e.gold
+    start_name = before_traces[0].policy
+    before = eval_summary(before_traces, cfg, policy_name=start_name,
+                          seconds=sum(t.seconds for t in before_traces), budget_seconds=None)
+    if retriever is None:
+        from ragloop.eval.runners import ensure_scifact_index
+
+        retriever = ensure_scifact_index(cfg.index, None)
+    if policy is None:
+        from ragloop.models.loading import load_policy
+
+        policy = load_policy(str(ckpt))
+    after, _ = evaluate_claims(policy, retriever, examples, cfg, out, "after", now)
+    say(f"eval (after, {ckpt}): {after['correct']}/{after['n']} correct, valid actions "
+        f"{100 * after['valid_action_rate']:.1f}% of {after['model_steps']} steps")
+    stages: dict[str, Any] = {"finished_after_sft": {"policy": str(ckpt), "before": "re-scored from saved traces"}}
+    teacher_path = out / "traces" / "teacher.jsonl"
+    if teacher_path.is_file():
+        teach = read_traces(teacher_path)
+        stages["teacher"] = {"traces": len(teach), "labels": {k: sum(1 for t in teach if t.feedback.gold == k)
+                                                               for k in ("SUPPORT", "CONTRADICT", NEI)}}
+    metrics = out / "sft" / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
+        last = lines[-1] if lines else {}
+        stages["sft"] = {"steps": last.get("step"), "final_loss": last.get("loss"), "policy": str(ckpt)}
+    return write_summary(cfg, before, after, stages, ckpt=str(ckpt), start_name=start_name,
+                         index=str(getattr(retriever, "path", cfg.index)),
+                         elapsed_minutes=(now() - t_start) / 60, wall_minutes=(time.perf_counter() - wall0) / 60)
 
 
 def react_table(before: dict[str, Any], after: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from ragloop.alignment.improve_react import (
     NEI,
     ReactImproveConfig,
     build_teacher_traces,
+    finish_after_sft,
     read_teacher_claims,
     run_improve_react,
     search_query,
@@ -169,6 +170,13 @@ def test_loop_smoke_on_the_tiny_model(small_index, data_dir, tiny_policy, tmp_pa
     assert summary["stages"]["sft"]["steps"] >= 1 and disk["elapsed_minutes"] < 2.0
     assert "valid-action rate" in (out / "table.md").read_text()
     assert len((out / "traces" / "eval-after.jsonl").read_text().splitlines()) == 2
+
+    # a loop that stopped after SFT is finished from the exported policy: the same after figures
+    (out / "summary.json").unlink()
+    again = finish_after_sft(cfg, retriever=retriever)
+    for key in ("correct", "valid_action_rate", "valid_finish_rate", "predictions", "model_steps"):
+        assert again["after"][key] == disk["after"][key] and again["before"][key] == disk["before"][key]
+    assert "finished_after_sft" in again["stages"] and (out / "summary.json").is_file()
 
     # the checkpoint is a policy ``ragloop eval claims --agent react --policy`` accepts
     from ragloop.cli import main
