@@ -101,7 +101,7 @@ def train_reward(
     out: Path = typer.Option(..., "--out", help="Run directory; the model is written to OUT/model."),
     encoder: str | None = typer.Option(None, "--encoder", help="BERT-family encoder dir (default: embedded MiniLM)."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the head only."),
-    epochs: int = typer.Option(2, "--epochs"),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training pairs (the best epoch on validation is kept)."),
     lr: float | None = typer.Option(None, "--lr"),
     batch_size: int = typer.Option(16, "--batch-size"),
     max_length: int = typer.Option(256, "--max-length"),
