@@ -131,6 +131,18 @@ def format_value(value: Any) -> str | None:
     return str(value)
 
 
+def join_prefill(prefill: str, text: str) -> tuple[str, list[str]]:
+    """The program text = the prefilled ``def solution():`` + docstring, then the model's continuation.
+
+    The prompt ends right after the docstring's closing quotes, so a well-formed continuation starts with a
+    newline. A continuation that starts directly with the indented body (``    x = 1``) is a near miss: the
+    newline is inserted and the repair recorded (``newline-after-docstring``).
+    """
+    if prefill.endswith('"""') and text[:1] in (" ", "\t") and text.lstrip(" \t")[:1] not in ("\n", ""):
+        return prefill + "\n" + text, ["newline-after-docstring"]
+    return prefill + text, []
+
+
 def _docstring_line(question: str) -> str:
     q = " ".join(question.split()).replace("\\", "\\\\").replace('"""', "'''")
     # no trailing newline: the model's next token is "\n    " (one token in most BPE vocabularies), as in
@@ -216,7 +228,9 @@ class PALAgent(AgentBase):
         answers: list[str | None] = []
         for i, g in enumerate(gens, 1):
             ts = time.perf_counter()
-            program, repairs = extract_program(prefill + g.text)
+            joined, repairs = join_prefill(prefill, g.text)
+            program, more = extract_program(joined)
+            repairs += more
             step = Step(index=i, raw_output=g.text, code=program, repairs=repairs,
                         tokens_in=n_in if i == 1 else 0, tokens_out=g.num_tokens)
             own = g.text if isinstance(prompt, str) else prefill + g.text  # chat: the turn includes the prefill

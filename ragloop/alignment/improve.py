@@ -188,6 +188,13 @@ def critique_trace(trace: Trace) -> Trace:
     return trace
 
 
+def teacher_continuation(program: str) -> str:
+    """What the model should write after PAL's prefilled prompt for this teacher ``program``: the prompt ends
+    right after the docstring's closing quotes, so the continuation is a newline, then the body. (Without the
+    newline the model learns to write the body on the docstring's line, which is a syntax error.)"""
+    return "\n" + program_body(program)
+
+
 def teacher_traces(rows: Sequence[dict[str, Any]], prompts: Sequence[Any], *, policy_name: str) -> tuple[list[Trace], DropReport]:
     """Teacher traces: the agent's prompt for the question, and the body of the program converted from the
     answer's calculator annotations as the model's continuation (it is trainable: the target to imitate)."""
@@ -199,7 +206,7 @@ def teacher_traces(rows: Sequence[dict[str, Any]], prompts: Sequence[Any], *, po
         if prog is None:
             report.drop("not_convertible")
             continue
-        body = program_body(prog)
+        body = teacher_continuation(prog)
         out.append(Trace(agent="pal", task="gsm8k", question=r["question"], policy=f"teacher:{policy_name}",
                          messages=[Message(role="user", content=prompt if isinstance(prompt, str) else str(prompt)),
                                    Message(role="assistant", content=body)],
@@ -392,7 +399,7 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
         for t in rm_traces + collected:  # the teacher's program over the model's wrong program
             prog = gsm8k_answer_to_program(t.question, gold_programs[t.question], comments=False)
             if prog is not None and not t.feedback.correct and trace_response_text(t):
-                pairs.append(PreferencePair(prompt=trace_prompt_text(t), chosen=program_body(prog),
+                pairs.append(PreferencePair(prompt=trace_prompt_text(t), chosen=teacher_continuation(prog),
                                             rejected=trace_response_text(t)))
         stages["rm_pairs"] = len(pairs)
         if len(pairs) >= 4:

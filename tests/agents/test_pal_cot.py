@@ -7,7 +7,7 @@ from agent_helpers import check_golden
 
 from ragloop.agents.base import canonical_answer, majority_vote
 from ragloop.agents.cot import FEVER_FORMAT, CoTAgent, CoTConfig, build_cot_prompt, parse_answer
-from ragloop.agents.pal import PALAgent, PALConfig, extract_program, format_value
+from ragloop.agents.pal import PALAgent, PALConfig, extract_program, format_value, join_prefill
 from ragloop.agents.prompts import Exemplar
 from ragloop.agents.sandbox import Sandbox, SandboxLimits
 from ragloop.core.errors import UsageError
@@ -61,6 +61,28 @@ def test_golden_pal_raw_prefill(sandbox):
     assert trace.steps[0].code.startswith("def solution():\n    \"\"\"A store")
     assert "\n\n\n" in policy.calls[0].cfg.stop and "Q: next" not in trace.steps[0].raw_output
     check_golden("pal_raw", trace)
+
+
+def test_pal_body_without_newline_after_docstring_is_repaired(sandbox):
+    # a model that writes the indented body right after the docstring's quotes (no newline): the program is
+    # assembled with the newline and the repair is recorded, so strict format validity still sees it
+    policy = ScriptedPolicy(["    pens = 18\n    result = pens / 3 * 2\n    return result\n\n\n"])
+    trace = PALAgent(policy, PALConfig(shots=0), sandbox=sandbox).run(
+        "A store sells pens at 3 for $2. How much do 18 pens cost?")
+    assert trace.answer == "12" and trace.finished
+    assert trace.steps[0].repairs == ["newline-after-docstring"]
+    assert '"""\n    pens = 18\n' in trace.steps[0].code
+
+
+@pytest.mark.parametrize("prefill, text, joined, repairs", [
+    ('def solution():\n    """Q"""', "\n    x = 1", 'def solution():\n    """Q"""\n    x = 1', []),
+    ('def solution():\n    """Q"""', "    x = 1", 'def solution():\n    """Q"""\n    x = 1', ["newline-after-docstring"]),
+    ('def solution():\n    """Q"""', "   \n    x = 1", 'def solution():\n    """Q"""   \n    x = 1', []),
+    ("```\ndef solution():\n", "    x = 1", "```\ndef solution():\n    x = 1", []),
+    ('def solution():\n    """Q"""', "", 'def solution():\n    """Q"""', []),
+])
+def test_join_prefill(prefill, text, joined, repairs):
+    assert join_prefill(prefill, text) == (joined, repairs)
 
 
 def test_pal_chat_style(sandbox):

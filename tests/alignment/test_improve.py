@@ -37,3 +37,28 @@ def test_improve_smoke_one_minute(smol_tokenizer, tiny_model_factory, tmp_path):
     assert len(read_traces(out / "traces" / "eval-after.jsonl")) == 4
     assert (out / "before_after.png").is_file() and (out / "sft" / "curves.png").is_file()
     assert "| accuracy" in (out / "table.md").read_text()
+
+
+def test_teacher_continuation_is_exactly_what_the_agent_runs(tmp_path):
+    """The SFT target for a teacher program, played back through the real PAL agent (the loop's own prompt
+    settings and the real sandbox), must be a program that runs without any repair and returns the gold
+    answer — the contract between the teacher data and the agent that evaluates the tuned model."""
+    from ragloop.agents.sandbox import Sandbox
+    from ragloop.alignment.data import gsm8k_answer_to_program, gsm8k_gold
+    from ragloop.alignment.improve import default_data_dir, pal_factory, teacher_continuation
+    from ragloop.eval.metrics import numeric_match
+    from ragloop.models.scripted import ScriptedPolicy
+
+    rows = [json.loads(x) for x in (default_data_dir() / "gsm8k" / "train.jsonl").open()][:12]
+    make = pal_factory(ImproveConfig(out_dir=str(tmp_path)))
+    sandbox, checked = Sandbox(), 0
+    for r in rows:
+        prog = gsm8k_answer_to_program(r["question"], r["answer"], comments=False)
+        if prog is None:
+            continue
+        text = teacher_continuation(prog)
+        trace = make(ScriptedPolicy([text]), sandbox).run(r["question"])
+        assert trace.steps[0].repairs == [], (text, trace.steps[0].repairs)
+        assert trace.finished and numeric_match(trace.answer, gsm8k_gold(r["answer"])) == 1.0, trace.steps[0]
+        checked += 1
+    assert checked >= 8
