@@ -481,6 +481,45 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
     return summary
 
 
+def evaluate_slice(cfg: ImproveConfig, *, tag: str, policy: Any = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The loop's held-out evaluation on its own: the same slice (first ``cfg.eval_n`` rows of
+    ``test_dev300.jsonl``), the same PAL agent settings, batched greedy decoding and the sandbox — for a
+    checkpoint written by a run, or the start model. Writes ``<out>/traces/eval-<tag>.jsonl`` and
+    ``<out>/eval-<tag>.json``; returns the summary (accuracy, ci95, n, format_valid, …)."""
+    from ragloop.agents.sandbox import Sandbox
+    from ragloop.alignment.collect import run_agent_batched, score_gsm8k, summarize
+
+    if cfg.task != "gsm8k-pal":
+        raise UsageError("--evaluate-only is for --task gsm8k-pal",
+                         hint="for scifact-react use ragloop eval claims with the loop's settings")
+    if not tag or not all(c.isalnum() or c in "-_." for c in tag):
+        raise UsageError(f"bad evaluation tag {tag!r}", hint="use letters, digits, '-', '_' or '.'")
+    out = Path(cfg.out_dir)
+    (out / "traces").mkdir(parents=True, exist_ok=True)
+    data = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    rows = _read_jsonl(data / "gsm8k" / "test_dev300.jsonl", cfg.eval_n)
+    if policy is None:
+        from ragloop.models.loading import load_policy
+
+        policy = load_policy(cfg.policy)
+    t0 = time.perf_counter()
+    traces = [ts[0] for ts in run_agent_batched(pal_factory(cfg), policy, [r["question"] for r in rows],
+                                                sandbox=Sandbox(), batch_size=cfg.eval_batch, task="gsm8k")]
+    for t, r in zip(traces, rows, strict=True):
+        score_gsm8k(t, gsm8k_gold(r["answer"]))
+    write_traces(out / "traces" / f"eval-{tag}.jsonl", traces)
+    s = summarize(traces, seconds=time.perf_counter() - t0).to_dict()
+    s.update(policy=policy.name, policy_spec=cfg.policy, slice=f"gsm8k/test_dev300.jsonl rows 0-{len(rows) - 1}",
+             strict_format_valid=sum(1 for t in traces if t.finished and not any(st.repairs for st in t.steps))
+             / max(1, len(traces)))
+    (out / f"eval-{tag}.json").write_text(json.dumps(s, indent=1, default=str), encoding="utf-8")
+    if progress:
+        progress(f"eval ({tag}): {s['correct']}/{s['n']} correct ({100 * s['accuracy']:.1f}%), "
+                 f"format valid {100 * s['format_valid']:.1f}%, {s['seconds']:.0f} s")
+    return s
+
+
 def pal_reward_check(make_agent: Callable[[Any, Any], Any], policy: Any, sandbox: Any) -> Callable[[Any, str], float]:
     """The programmatic PPO reward for a PAL completion: 1 if the program's answer is right, −0.2 if it ran
     but is wrong, −1 if no program ran — judged by the agent itself (same extraction, same sandbox)."""

@@ -7,6 +7,7 @@ print a one-line result. Training commands take ``--resume`` (continue exactly f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -240,15 +241,22 @@ def improve(
     no_rm: bool = typer.Option(False, "--no-rm"),
     lora: bool = typer.Option(False, "--lora", help="LoRA SFT instead of full fine-tuning."),
     seed: int = typer.Option(0, "--seed"),
+    evaluate_only: str | None = typer.Option(None, "--evaluate-only", metavar="TAG",
+                                             help="gsm8k-pal: only run the loop's held-out evaluation of --policy "
+                                                  "(e.g. a run's checkpoint); writes OUT/eval-TAG.json."),
 ) -> None:
     """The whole loop: baseline eval → collect → filter/critique → SFT → reward model → PPO → eval again.
     With --task scifact-react: baseline ReAct eval → teacher traces → SFT → eval again."""
-    from ragloop.alignment.improve import ImproveConfig, run_improve
+    from ragloop.alignment.improve import ImproveConfig, evaluate_slice, run_improve
 
     cfg = ImproveConfig(out_dir=str(out), task=task, budget_minutes=budget_minutes, budget_clock=budget_clock,
                         policy=policy, eval_n=eval_n if eval_n is not None else (100 if task == "scifact-react" else 150), index=index,
                         data_dir=str(data_dir) if data_dir else None, ppo=not no_ppo, rm=not no_rm,
                         sft_method="lora" if lora else "full", seed=seed)
+    if evaluate_only is not None:
+        res = evaluate_slice(cfg, tag=evaluate_only, progress=lambda msg: typer.echo(msg, err=True))
+        typer.echo(json.dumps(res, default=str))
+        return
     summary = run_improve(cfg, progress=lambda msg: typer.echo(msg, err=True))
     typer.echo(summary["table"])
     typer.echo(f"final policy: {summary['policy']}  (summary: {out / 'summary.json'})")

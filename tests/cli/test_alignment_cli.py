@@ -96,8 +96,13 @@ def test_train_ppo_runs_with_numeric_check(tiny_policy_dir, tmp_path, capsys):
 
 
 def test_improve_and_cai_bad_input(tmp_path, capsys):
-    assert main(["improve", "--task", "scifact-react", "--out", str(tmp_path / "i")]) == 2
+    assert main(["improve", "--task", "mmlu-cot", "--out", str(tmp_path / "i")]) == 2
     assert "unknown task" in _err(capsys)
+    assert main(["improve", "--task", "gsm8k-pal", "--evaluate-only", "../x", "--out", str(tmp_path / "i")]) == 2
+    assert "bad evaluation tag" in _err(capsys)
+    assert main(["improve", "--task", "scifact-react", "--index", str(tmp_path / "noidx"), "--evaluate-only", "a",
+                 "--out", str(tmp_path / "i")]) == 2
+    assert "--evaluate-only is for --task gsm8k-pal" in _err(capsys)
     assert main(["improve", "--budget-minutes", "0", "--out", str(tmp_path / "i")]) == 2
     assert "budget_minutes must be > 0" in _err(capsys)
     assert main(["cai", "revise", "--traces", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 2
