@@ -265,9 +265,16 @@ def run_repl(
     sandbox_seconds: float = 5.0,
 ) -> int:
     """The read-eval-print loop. Returns the exit code (0 after Ctrl-D or /quit)."""
+    import signal
+
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory, InMemoryHistory
     from rich.console import Console
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Ctrl-C is the REPL's "cancel this step" key; a shell that started us in the background without job
+        # control (a script, make under nohup) hands SIGINT down ignored, so take it back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from ragloop.agents.factory import build_agent
     from ragloop.agents.sandbox import Sandbox, SandboxLimits
