@@ -92,6 +92,11 @@ def main() -> None:
     # ---- TRL GRPO on a fresh copy of the same model ----------------------------------------------------
     fresh = load_policy()
     tok = fresh.tokenizer
+    # TRL builds its KL reference model by re-reading config.json (architectures) from the model's path; the
+    # config converted from GGUF does not name its architecture, so hand TRL a plain HF copy (local, no hub)
+    trl_dir = Path(args.out) / "trl-model"
+    fresh.model.save_pretrained(trl_dir)
+    tok.save_pretrained(trl_dir)
     tok.padding_side = "left"
     cfg = GRPOConfig(output_dir=f"{args.out}/trl", use_cpu=True, bf16=False, max_steps=args.steps + 1,
                      per_device_train_batch_size=episodes, num_generations=args.samples,
@@ -117,7 +122,7 @@ def main() -> None:
         return [format_reward(c) for c in completions]
 
     ds = Dataset.from_dict({"prompt": prompts})
-    trainer = GRPOTrainer(model=fresh.model, reward_funcs=trl_reward, args=cfg, train_dataset=ds,
+    trainer = GRPOTrainer(model=str(trl_dir), reward_funcs=trl_reward, args=cfg, train_dataset=ds,
                           processing_class=tok, callbacks=[Timer()])
     t0 = time.perf_counter()
     trainer.train()
