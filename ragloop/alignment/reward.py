@@ -347,14 +347,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, generator: to
     """Batches of indices with similar lengths (little padding), in a random order: a random permutation is
     cut into chunks of 50 batches, each chunk sorted by length and cut into batches, and the batches are
     shuffled. ``length_sorted_batches([5, 1, 4, 2], 2, g)`` holds {1, 3} and {0, 2} in some order."""
-    perm = torch.randperm(len(lengths), generator=generator).tolist()
-    chunk = batch_size * 50
-    batches: list[list[int]] = []
-    for s in range(0, len(perm), chunk):
-        part = sorted(perm[s : s + chunk], key=lambda i: lengths[i])
-        batches += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
-    order = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[o] for o in order]
+    from ragloop.alignment.sft import length_grouped_batches
+
+    return length_grouped_batches(lengths, batch_size, generator, chunk_batches=50)
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str) -> float:

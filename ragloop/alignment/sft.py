@@ -164,20 +164,30 @@ def mix_rows(groups: dict[str, Sequence[Any]], weights: dict[str, float], total:
     return out
 
 
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: Any, *,
+                           chunk_batches: int) -> list[list[int]]:
+    """Batches of indices with similar lengths (little padding), in a random order: a random permutation is
+    cut into chunks of ``chunk_batches`` batches, each chunk sorted by length and cut into batches, and the
+    batches are shuffled — all drawn from ``generator`` (a ``torch.Generator``). Shared by SFT and the reward model."""
+    import torch
+
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk = batch_size * chunk_batches
+    batches: list[list[int]] = []
+    for s in range(0, len(perm), chunk):
+        block = sorted(perm[s : s + chunk], key=lambda i: lengths[i])
+        batches += [block[j : j + batch_size] for j in range(0, len(block), batch_size)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]
+
+
 def epoch_batches(lengths: Sequence[int], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
     """Batches of example indices for one epoch, grouped by length (less padding) and shuffled, all from
     ``seed`` and ``epoch`` only — so the batch at any step can be recomputed on resume."""
     import torch
 
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(len(lengths), generator=g).tolist()
-    chunk = batch_size * 32
-    batches: list[list[int]] = []
-    for s in range(0, len(perm), chunk):
-        block = sorted(perm[s : s + chunk], key=lambda i: lengths[i])
-        batches += [block[j : j + batch_size] for j in range(0, len(block), batch_size)]
-    order = torch.randperm(len(batches), generator=g).tolist()
-    return [batches[i] for i in order]
+    return length_grouped_batches(lengths, batch_size, g, chunk_batches=32)
 
 
 def lr_at(step: int, *, base: float, warmup: int, horizon: int, schedule: str) -> float:
