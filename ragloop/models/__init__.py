@@ -10,7 +10,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ragloop.models.types import ChatMessages, Generation, GenerationConfig, Policy, Prompt, as_messages
+from ragloop.models.types import (
+    ChatMessages,
+    Generation,
+    GenerationConfig,
+    GrammarSpec,
+    Policy,
+    Prompt,
+    as_messages,
+)
 
 _LAZY = {
     "load_policy": "ragloop.models.loading",
@@ -35,4 +43,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(mod), name)
 
 
-__all__ = ["ChatMessages", "Generation", "GenerationConfig", "Policy", "Prompt", "as_messages", *_LAZY]
+__all__ = ["ChatMessages", "Generation", "GenerationConfig", "GrammarSpec", "Policy", "Prompt", "as_messages", *_LAZY]

@@ -24,6 +24,22 @@ ChatMessages = Sequence[Message | dict[str, str]]
 Prompt = str | ChatMessages
 
 FinishReason = Literal["stop", "length", "eos"]
+GrammarKind = Literal["regex", "lark", "json_schema"]
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on what one generation may contain (grammar-constrained decoding).
+
+    ``kind`` says how ``source`` is written: a regular expression, a Lark grammar, or a JSON schema (as a
+    JSON string). The decoder compiles it once per tokenizer (``ragloop.models.grammar``) and gives every
+    row its own matcher, so rows with different grammars share one batch. ``name`` is a short label
+    recorded in Traces ("react-paper", "pal", "json:get_weather").
+    """
+
+    kind: GrammarKind
+    source: str
+    name: str = ""
 
 
 @dataclass
@@ -45,6 +61,7 @@ class GenerationConfig:
     seed: int | None = None  # same seed + same settings → same text
     repetition_penalty: float = 1.0  # CTRL-style (Keskar et al. 2019); 1 = off
     logprobs: bool = False  # return per-token log-probabilities of the generated tokens
+    grammar: GrammarSpec | None = None  # constrain every candidate to this grammar (None = free text)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -65,6 +82,8 @@ class GenerationConfig:
             raise UsageError("stop sequences must be non-empty strings")
         if self.temperature == 0:
             self.greedy = True
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise UsageError(f"grammar must be a GrammarSpec, got {type(self.grammar).__name__}")
 
     @property
     def do_sample(self) -> bool:
