@@ -183,14 +183,10 @@ def tokens_cmd(
     """Show token ids, pieces and whether detokenizing gives the text back."""
     if not text:
         raise UsageError("the text is empty", hint='give some text, e.g. ragloop tokens "Hello"')
-    from ragloop.models.loading import load_tokenizer
+    from ragloop.models.tokenizer import load_tokenizer, round_trip
 
-    tok = load_tokenizer(_policy_spec(policy))
-    ids = list(tok.encode(text, add_special_tokens=False))
-    pieces = tok.convert_ids_to_tokens(ids)
-    texts = [tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
-    back = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    ok = back == text
+    rt = round_trip(load_tokenizer(_policy_spec(policy)), text)
+    ids, pieces, texts, back, ok = rt.ids, rt.pieces, rt.texts, rt.decoded, rt.ok
     if as_json:
         typer.echo(json.dumps({"count": len(ids), "ids": ids, "pieces": pieces, "texts": texts,
                                "round_trip": ok, "detokenized": back}, ensure_ascii=False))

@@ -5,8 +5,8 @@
   ``step(next_ids)`` feeds the ``(B,)`` tokens just chosen and returns the next ``(B, V)`` logits.
   ``HFStepper`` is the reference (the transformers model with a ``DynamicCache``); a faster forward
   (``ragloop.models.fast.make_stepper``) plugs in with the same two methods.
-- ``IncrementalDetokenizer``: token ids → text as they arrive, holding back a multi-byte character that is
-  split across tokens until it is complete (the prefix/read-offset scheme used by TGI and vLLM).
+- ``IncrementalDetokenizer`` (defined in ``ragloop.models.tokenizer``, importable from here too): token ids
+  → text as they arrive, holding back a multi-byte character split across tokens until it is complete.
 - ``DecodeRun``: one batched decode of ``len(prompts) × n`` rows. It yields ``(row, text)`` pieces that are
   safe to show (never part of a stop string: a suffix that could still become one is held back) and ends
   with ``results()``: one ``Generation`` per row.
@@ -38,9 +38,8 @@ import numpy as np
 import torch
 
 from ragloop.models import sampling
+from ragloop.models.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer  # noqa: F401 (moved there; re-exported)
 from ragloop.models.types import FinishReason, Generation, GenerationConfig
-
-REPLACEMENT_CHAR = "\ufffd"
 
 
 @runtime_checkable
@@ -152,47 +151,7 @@ def sequence_logprobs(
 
 
 # --------------------------------------------------------------------------------------------------------
-# text: incremental detokenization and stop strings
-
-
-class IncrementalDetokenizer:
-    """Token ids → text, one token at a time, never splitting a multi-byte character.
-
-    ``push`` returns the text that became final with this token ('' while a character is incomplete);
-    ``flush`` returns whatever is left (incomplete bytes decode to U+FFFD). The concatenation of all
-    pieces equals ``tokenizer.decode(ids)`` for byte-level BPE tokenizers.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0  # start of the window decoded for context
-        self._read = 0  # tokens before this are already emitted
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    @property
-    def pending(self) -> bool:
-        """Whether some pushed tokens have not produced text yet (an incomplete character)."""
-        return self._read < len(self.ids)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        new_text = self._decode(self.ids[self._prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
-            self._prefix, self._read = self._read, len(self.ids)
-            return new_text[len(prefix_text) :]
-        return ""
-
-    def flush(self) -> str:
-        if not self.pending:
-            return ""
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        new_text = self._decode(self.ids[self._prefix :])
-        self._prefix = self._read = len(self.ids)
-        return new_text[len(prefix_text) :] if new_text.startswith(prefix_text) else new_text
+# text: stop strings
 
 
 def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:

@@ -4,7 +4,9 @@ It owns nothing global: the model and tokenizer are passed in (``load_policy`` i
 from a spec; tests wrap a tiny random model with ``LocalPolicy.from_model``). Alignment trains
 ``policy.model`` in place; generation always sees the current weights.
 
-Decoding runs ``ragloop.models.decoding.DecodeRun`` over a *stepper* (the forward pass with a KV cache):
+Decoding runs on the policy's ``ragloop.models.engine.DecodeEngine`` (continuous batching: calls from any
+number of threads are decoded together, and greedy results equal sequential ones) over a *stepper* (the
+forward pass with a KV cache):
 ``backend="hf"`` uses the transformers model itself (``HFStepper``); ``"fast"`` uses
 ``ragloop.models.fast.make_stepper(model)``; ``"auto"`` (default) uses the fast path when that module is
 present and supports the model, else the reference. A fast stepper is rebuilt whenever the weights change
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,7 +32,10 @@ import torch
 
 from ragloop.core.errors import RagloopError, UsageError
 from ragloop.models.chat import check_fits, render_messages
-from ragloop.models.decoding import DecodeRun, HFStepper, Stepper, left_pad, sequence_logprobs
+from ragloop.models.decoding import HFStepper, Stepper, left_pad, sequence_logprobs
+from ragloop.models.engine import DecodeEngine, Ticket
+from ragloop.models.tokenizer import decode as tokenizer_decode
+from ragloop.models.tokenizer import encode as tokenizer_encode
 from ragloop.models.types import ChatMessages, Generation, GenerationConfig, Prompt, as_messages
 
 log = logging.getLogger(__name__)
@@ -91,6 +97,8 @@ class LocalPolicy:
         self.pad_id = int(pad if pad is not None else min(self.end_ids))
         self._stepper: Stepper | None = None
         self._stepper_key: Any = None
+        self._engine: DecodeEngine | None = None
+        self._engine_lock = threading.Lock()
 
     @classmethod
     def from_model(
@@ -122,10 +130,10 @@ class LocalPolicy:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (special-token strings in it become control tokens; no BOS is added)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return tokenizer_encode(self.tokenizer, text)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return tokenizer_decode(self.tokenizer, ids)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """The exact ids the model is fed for ``prompt``: a raw string as is, messages through ``render``."""
@@ -183,7 +191,7 @@ class LocalPolicy:
                 raise UsageError("the fast decode path (ragloop.models.fast) is not available") from None
             return None
         try:
-            stepper = fast.make_stepper(self.model, precision=self.precision)
+            stepper = fast.make_stepper(self.model, precision=self.precision, max_batch=self.max_batch_rows)
         except (RagloopError, NotImplementedError, ValueError, TypeError) as e:
             if self.backend == "fast" or self.precision != "fp32":
                 raise UsageError(f"the fast decode path does not support {self.name}: {e}") from None
@@ -218,17 +226,41 @@ class LocalPolicy:
             encoded.append(ids)
         return encoded
 
-    def decode_run(self, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None) -> DecodeRun:
-        """A lazy batched decode: iterate it for ``(row, text)`` pieces, then call ``.results()``.
+    def _engine_for_decoding(self) -> DecodeEngine:
+        """The one decode engine of this policy (built on first use; see ``ragloop.models.engine``)."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = DecodeEngine(
+                        self.stepper, tokenizer=self.tokenizer, end_ids=self.end_ids, pad_id=self.pad_id,
+                        max_rows=self.max_batch_rows, context=self._eval_mode,
+                        grammar_compiler=self._compile_grammar,
+                    )
+        return self._engine
 
-        Rows are ``prompt_index * n + candidate``. The prompts are checked against the context window here.
+    def _compile_grammar(self, spec: Any) -> Any:
+        from ragloop.models import grammar
+
+        return grammar.matcher_for(spec, self.tokenizer)
+
+    def submit(
+        self, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None, *, stream: bool = False
+    ) -> Ticket:
+        """Queue ``cfg.n`` candidates for each prompt on the policy's decode engine and return the ``Ticket``.
+
+        Requests from any number of threads (and any number of tickets from one thread) are decoded together;
+        ``ticket.results()`` waits for (and helps drive) this one. Rows are ``prompt_index * n + candidate``.
+        The prompts are checked against the context window here.
         """
         cfg = cfg or GenerationConfig()
+        if isinstance(prompts, str):
+            raise UsageError("submit takes a list of prompts, not one string")
         encoded = self._encode_checked(prompts, cfg)
-        rows, max_len = len(encoded) * cfg.n, max(len(e) for e in encoded) + cfg.max_new_tokens
-        return DecodeRun(
-            self.stepper(rows, max_len), encoded, cfg, tokenizer=self.tokenizer, end_ids=self.end_ids, pad_id=self.pad_id
-        )
+        return self._engine_for_decoding().submit(encoded, cfg, stream=stream)
+
+    def decode_run(self, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None) -> Ticket:
+        """A lazy batched decode: iterate it for ``(row, text)`` pieces, then call ``.results()``."""
+        return self.submit(prompts, cfg, stream=True)
 
     def generate(self, prompt: Prompt, cfg: GenerationConfig | None = None) -> list[Generation]:
         """``cfg.n`` candidates for one prompt (sampled as one batch)."""
@@ -237,28 +269,12 @@ class LocalPolicy:
     def generate_batch(
         self, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None
     ) -> list[list[Generation]]:
-        """``cfg.n`` candidates for each prompt: left-padded batches of at most ``max_batch_rows`` rows."""
-        cfg = cfg or GenerationConfig()
+        """``cfg.n`` candidates for each prompt, decoded together (with any other thread's requests)."""
         if isinstance(prompts, str):
             raise UsageError("generate_batch takes a list of prompts, not one string")
         if not prompts:
             return []
-        encoded = self._encode_checked(prompts, cfg)
-        limit = self.max_batch_rows
-        if self.backend != "hf":  # keep batches within the fast path's capacity when it has one
-            limit = min(limit, int(getattr(self.stepper(), "max_batch", limit)))
-        per_chunk = max(1, limit // cfg.n)
-        out: list[list[Generation]] = []
-        with self._eval_mode():
-            for start in range(0, len(encoded), per_chunk):
-                chunk = encoded[start : start + per_chunk]
-                max_len = max(len(e) for e in chunk) + cfg.max_new_tokens
-                run = DecodeRun(
-                    self.stepper(len(chunk) * cfg.n, max_len), chunk, cfg, tokenizer=self.tokenizer,
-                    end_ids=self.end_ids, pad_id=self.pad_id, prompt_offset=start,
-                )
-                out.extend(run.results())
-        return out
+        return self.submit(prompts, cfg).results()
 
     def stream(self, prompt: Prompt, cfg: GenerationConfig | None = None) -> Iterator[str]:
         """Text pieces of one candidate as they are decoded; their concatenation equals ``generate``'s text.
@@ -268,10 +284,13 @@ class LocalPolicy:
         cfg = cfg or GenerationConfig()
         if cfg.n != 1:
             raise UsageError(f"streaming produces one candidate; got n={cfg.n}", hint="use n=1 to stream")
-        run = self.decode_run([prompt], cfg)
-        with self._eval_mode():
-            for _, piece in run:
+        ticket = self.submit([prompt], cfg, stream=True)
+        try:
+            for _, piece in ticket:
                 yield piece
+        finally:
+            if not ticket.done:  # the consumer stopped early: release the row's slot
+                ticket.cancel()
 
     # -- scoring -------------------------------------------------------------------------------------------
 
