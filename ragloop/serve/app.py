@@ -75,7 +75,9 @@ class ServeConfig:
     api_key: str | None = None  # when set, every /v1 call needs "Authorization: Bearer <key>"
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context window)
     capture_dir: str | None = None  # write every call as a Trace (capture.py)
-    decode_mode: str = "queue"  # "queue": one worker batches requests; "direct": the policy is thread-safe
+    # "queue": one worker batches requests; "direct": the policy is thread-safe and batches concurrent calls
+    # itself; "auto": direct when the policy says ``thread_safe = True``, else queue
+    decode_mode: str = "auto"
     embedder_factory: Callable[[], Any] | None = None  # () -> Embedder, loaded on first use
     extra_model_names: list[str] = field(default_factory=list)
 
@@ -150,7 +152,12 @@ class _App:
         self.policy = policy
         self.cfg = cfg
         self.model_name = cfg.model_name or policy.name
-        self.decoder = Decoder(policy, mode=cfg.decode_mode)  # type: ignore[arg-type]
+        mode = cfg.decode_mode
+        if mode == "auto":
+            mode = "direct" if getattr(policy, "thread_safe", False) else "queue"
+        if mode not in ("queue", "direct"):
+            raise UsageError(f"decode_mode must be auto, queue or direct, got {cfg.decode_mode!r}")
+        self.decoder = Decoder(policy, mode=mode)  # type: ignore[arg-type]
         self.capture = TraceCapture(cfg.capture_dir) if cfg.capture_dir else None
         self._embedder: Any = None
         self._embed_lock = threading.Lock()

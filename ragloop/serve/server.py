@@ -11,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -42,9 +43,14 @@ def _uvicorn_server(app: Any, log_level: str) -> Any:
     return uvicorn.Server(config)
 
 
-def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning") -> None:
-    """Serve ``app`` until interrupted (Ctrl-C / SIGTERM stop it gracefully)."""
+def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
+          announce: Callable[[str], None] | None = None) -> None:
+    """Serve ``app`` until interrupted (Ctrl-C / SIGTERM stop it gracefully); ``announce`` gets the base URL
+    once the port is bound (port 0 picks a free one)."""
     sock = bind_socket(host, port)
+    if announce is not None:
+        shown = f"[{host}]" if ":" in host else host
+        announce(f"http://{shown}:{sock.getsockname()[1]}/v1")
     _uvicorn_server(app, log_level).run(sockets=[sock])
 
 
