@@ -36,6 +36,8 @@ _LAZY = {
     "document_tools": "ragloop.agents.docsearch",
     "build_agent": "ragloop.agents.factory",
     "AgentSpec": "ragloop.agents.factory",
+    "RAGAgent": "ragloop.agents.rag",
+    "RAGConfig": "ragloop.agents.rag",
 }
 
 

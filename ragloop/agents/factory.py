@@ -10,7 +10,9 @@
   fallback 8-shot CoT-SC;
 - ``react`` + ``claims``: Search/Lookup, the paper's FEVER trajectories, fallback CoT-SC on its FEVER CoT
   exemplars;
-- ``pal`` / ``cot``: the GSM8K prompts of the papers.
+- ``pal`` / ``cot``: the GSM8K prompts of the papers;
+- ``rag`` + ``qa`` or ``claims``: retrieve the top passages once, answer from them with citations
+  (``ragloop.agents.rag``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ragloop.agents.react import ReActAgent, ReActConfig, react_tools_for
 from ragloop.core.errors import UsageError
 from ragloop.models.types import GenerationConfig, Policy
 
-AGENT_KINDS = ("react", "pal", "cot")
+AGENT_KINDS = ("react", "pal", "cot", "rag")
 TASKS = ("qa", "math", "claims")
 
 
@@ -39,7 +41,7 @@ TASKS = ("qa", "math", "claims")
 class AgentSpec:
     """What to build. ``temperature=None`` (or 0) means greedy decoding."""
 
-    kind: Literal["react", "pal", "cot"] = "react"
+    kind: Literal["react", "pal", "cot", "rag"] = "react"
     task: Literal["qa", "math", "claims"] = "qa"
     shots: int | None = None  # None: the agent's default
     self_consistency: int = 1
@@ -88,6 +90,15 @@ def build_agent(
     on_event: EventHandler | None = None,
 ) -> AgentBase:
     """A configured agent for ``spec`` (see the module docstring)."""
+    if spec.kind == "rag":
+        from ragloop.agents.rag import RAGAgent, RAGConfig
+
+        if spec.task == "math":
+            raise UsageError("the rag agent answers from documents, not math", hint="use --agent pal or cot")
+        mnt = _opt(spec.max_new_tokens, 160)
+        rag_cfg = RAGConfig(k=int(spec.extra.get("k", 3)), task=spec.task, max_new_tokens=mnt, seed=spec.seed,  # type: ignore[arg-type]
+                            decoding=spec.decoding(mnt))
+        return RAGAgent(policy, retriever, rag_cfg, on_event=on_event)
     if spec.kind == "pal":
         mnt = _opt(spec.max_new_tokens, 256)
         cfg = PALConfig(shots=_opt(spec.shots, 8), self_consistency=spec.self_consistency,

@@ -4,6 +4,9 @@
   observations, PAL code and results, self-consistency samples, the answer — with rich. Every piece of
   text is passed through ``neutralize_control`` and printed as plain ``Text`` (never as rich markup),
   so a retrieved document can neither move the cursor nor restyle the terminal (SECURITY.md §4).
+- ``answer_notes``: what is printed under an answer — a fallback said plainly, self-consistency vote counts
+  and ties, and the sources (file, page/section, chunk) of every agent that retrieved.
+- ``render_trace``: a trace as a readable step list (``/trace``; ``/trace --json`` gives the raw record).
 - ``ChatSession``: the REPL's state (agent, index, decoding settings, traces) and its slash commands,
   as plain methods that return the text to show (tested without a terminal).
 - ``run_repl``: the loop — prompt-toolkit for input and history, Ctrl-C cancels the current step (the
@@ -28,13 +31,14 @@ from ragloop.core.trace import Trace, write_traces
 log = logging.getLogger(__name__)
 
 HELP = """Commands:
-  /agent react|pal|cot        switch agent
-  /index PATH|NAME|none       search this index (ReAct)
+  /agent rag|react|pal|cot    switch agent (rag: retrieve, answer with citations)
+  /index PATH|NAME|none       search this index (rag, react); checked at once
   /task auto|qa|math|claims   what kind of question (auto: qa with an index, math without)
   /set KEY VALUE              temperature, top_p, top_k, max_new_tokens, max_steps, shots,
                               self_consistency, seed, prompt_style, action_format
   /settings                   show the current settings
-  /trace                      show the last trace (JSON)
+  /trace [--json]             the last trace as a step list (--json: the raw record)
+  /reasoning                  the last run's full reasoning (CoT samples are shown collapsed)
   /save FILE                  append the last trace to FILE (JSONL)
   /help                       this text
   /quit                       leave (or Ctrl-D)
@@ -62,9 +66,10 @@ def safe_text(text: str) -> str:
 class EventPrinter:
     """Prints agent events live on a rich Console (plain Text objects only: no markup from data)."""
 
-    def __init__(self, console: Any, *, show_tokens: bool = True) -> None:
+    def __init__(self, console: Any, *, show_tokens: bool = True, reasoning_lines: int = 0) -> None:
         self.console = console
         self.show_tokens = show_tokens
+        self.reasoning_lines = reasoning_lines  # > 0: show each CoT sample's reasoning cut to this many lines
         self._step_open: int | None = None
         self._label = "Thought"
         self._prefill = ""
@@ -98,7 +103,8 @@ class EventPrinter:
         self._close_step()
         if ev.kind == "start":
             data = ev.data or {}
-            self._label = {"pal": "Program", "cot": "Reasoning"}.get(str(data.get("agent")), "Thought")
+            self._label = {"pal": "Program", "cot": "Reasoning", "rag": "Answer draft"}.get(
+                str(data.get("agent")), "Thought")
             self._prefill = str(data.get("prefill") or "")
             return
         if ev.kind == "thought" and not self.show_tokens:
@@ -113,7 +119,14 @@ class EventPrinter:
             self._line(f"Result: {ev.text}", "green" if (ev.data or {}).get("ok") else "red")
         elif ev.kind == "sample":
             ans = (ev.data or {}).get("answer")
-            self._line(f"Sample {ev.step}: answer {ans!s}", "dim")
+            self._line(f"Sample {ev.step}: answer {ans!s}", "bold")
+            lines = [ln for ln in ev.text.strip().splitlines() if ln.strip()]
+            cut = self.reasoning_lines
+            shown = lines if cut <= 0 or len(lines) <= cut else lines[:cut]
+            for ln in shown:
+                self._line(f"  {ln}", "dim")
+            if len(shown) < len(lines):
+                self._line(f"  … {len(lines) - len(shown)} more lines (/reasoning shows them)", "dim italic")
         elif ev.kind == "error":
             self._line(f"Error: {ev.text}", "red")
         elif ev.kind == "fallback":
@@ -122,11 +135,55 @@ class EventPrinter:
             self._line(f"Answer: {ev.text or '(none)'}", "bold green")
 
 
+def vote_summary(votes: dict[str, int]) -> tuple[str, list[str]]:
+    """``("4: 2 votes, 5: 1 vote", [])`` — the counts, best first, and the answers tied for first (if more
+    than one). ``vote_summary({"4": 1, "5": 1}) -> ("4: 1 vote, 5: 1 vote", ["4", "5"])``."""
+    if not votes:
+        return "", []
+    ranked = sorted(votes.items(), key=lambda kv: -kv[1])  # stable: ties keep first-seen order
+    text = ", ".join(f"{a}: {c} vote{'s' if c != 1 else ''}" for a, c in ranked)
+    top = ranked[0][1]
+    tied = [a for a, c in ranked if c == top]
+    return text, tied if len(tied) > 1 else []
+
+
+def answer_notes(trace: Trace) -> list[str]:
+    """Lines to print under an answer: the fallback stated, self-consistency votes and ties, the sources."""
+    from ragloop.agents.rag import render_sources
+
+    out: list[str] = []
+    if trace.fallback == "cot-sc":
+        out.append("Note: the agent did not finish on its own; this answer comes from its fallback "
+                   "(chain-of-thought self-consistency, without the documents).")
+    elif trace.fallback == "extractive":
+        out.append("Note: the model wrote no answer; this is the best-matching sentence of passage [1].")
+    elif trace.fallback:
+        out.append(f"Note: fallback {trace.fallback} answered.")
+    votes = trace.meta.get("votes") or (trace.meta.get("fallback_trace") or {}).get("meta", {}).get("votes") or {}
+    if votes and sum(votes.values()) > 1:
+        text, tied = vote_summary(votes)
+        out.append(f"Votes: {text}")
+        if tied:
+            out.append(f"Tie between {', '.join(tied)}: the first sampled ({tied[0]}) was taken; "
+                       "more samples (--self-consistency) would break it.")
+    src = render_sources(trace)
+    if src:
+        out.extend(src.splitlines())
+    return out
+
+
 def render_trace(trace: Trace) -> str:
-    """A readable multi-line account of a trace (for ``ask`` without streaming and for the demo)."""
-    lines = [f"Question: {trace.question}"]
+    """A readable multi-line account of a trace: a numbered step list, the answer and its notes."""
+    lines = [f"Trace {trace.id[:8]} · agent {trace.agent} · {trace.seconds:.1f}s · "
+             f"{trace.tokens_in} tokens in, {trace.tokens_out} out", f"Question: {trace.question}"]
     for s in trace.steps:
-        if trace.agent == "react":
+        if trace.agent == "rag":
+            if s.action is not None:
+                lines.append(f"{s.index}. Search[{s.action.arguments.get('query', '')}] -> "
+                             f"{len(s.retrieved_ids)} passages")
+            else:
+                lines.append(f"{s.index}. Answer draft: {(s.thought or '').strip()}")
+        elif trace.agent == "react":
             if s.thought:
                 lines.append(f"Thought {s.index}: {s.thought}")
             if s.action is not None:
@@ -144,7 +201,20 @@ def render_trace(trace: Trace) -> str:
     if trace.fallback:
         lines.append(f"(fell back to {trace.fallback})")
     lines.append(f"Answer: {trace.answer if trace.answer is not None else '(none)'}")
+    lines.extend(answer_notes(trace))
     return safe_text("\n".join(lines))
+
+
+def render_reasoning(trace: Trace) -> str:
+    """Every reasoning text of a run in full (CoT samples, ReAct thoughts, a fallback's samples)."""
+    parts = []
+    for s in trace.steps:
+        if s.thought:
+            parts.append(f"--- step {s.index} ---\n{s.thought.strip()}")
+    for s in (trace.meta.get("fallback_trace") or {}).get("steps", []):
+        if s.get("thought"):
+            parts.append(f"--- fallback sample {s.get('index')} ---\n{str(s['thought']).strip()}")
+    return safe_text("\n".join(parts) or "no reasoning recorded")
 
 
 @dataclass
@@ -157,6 +227,20 @@ class ChatSession:
     settings: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "seed": 0})
     traces: list[Trace] = field(default_factory=list)
     quit: bool = False
+    # opens an index (raising RagloopError if it cannot); None: ``Retriever.open``. Opened ones are kept.
+    open_index: Callable[[str], Any] | None = None
+    retrievers: dict[str, Any] = field(default_factory=dict)
+
+    def retriever(self, name: str) -> Any:
+        """The opened index ``name`` (opened on first use; errors are the store's one-line RagloopErrors)."""
+        if name not in self.retrievers:
+            if self.open_index is not None:
+                self.retrievers[name] = self.open_index(name)
+            else:
+                from ragloop.retrieval import Retriever
+
+                self.retrievers[name] = Retriever.open(name)
+        return self.retrievers[name]
 
     @property
     def last_trace(self) -> Trace | None:
@@ -165,7 +249,7 @@ class ChatSession:
     def effective_task(self) -> str:
         if self.task != "auto":
             return self.task
-        if self.agent == "react" and self.index:
+        if self.agent in ("react", "rag") and self.index:
             return "qa"
         return "math"
 
@@ -187,15 +271,28 @@ class ChatSession:
         if cmd == "/help":
             return HELP
         if cmd == "/agent":
-            if len(args) != 1 or args[0] not in ("react", "pal", "cot"):
-                return "usage: /agent react|pal|cot"
+            if len(args) != 1 or args[0] not in ("rag", "react", "pal", "cot"):
+                return "usage: /agent rag|react|pal|cot"
+            if args[0] == "rag" and not self.index:
+                return "the rag agent needs an index: /index PATH|NAME first"
             self.agent = args[0]
             return f"agent: {self.agent}"
         if cmd == "/index":
             if len(args) != 1:
                 return "usage: /index PATH|NAME|none"
-            self.index = None if args[0].lower() == "none" else args[0]
-            return f"index: {self.index or 'none'}"
+            if args[0].lower() == "none":
+                if self.agent == "rag":
+                    return "the rag agent needs an index; /agent react|pal|cot first"
+                self.index = None
+                return "index: none"
+            try:
+                r = self.retriever(args[0])
+            except RagloopError as e:
+                return f"error: {e.message}" + (f" ({e.hint})" if e.hint else "") + \
+                    f"; still using index {self.index or 'none'}"
+            self.index = args[0]
+            size = f" ({r.num_documents} documents, {len(r)} chunks)" if hasattr(r, "num_documents") else ""
+            return f"index: {self.index}{size}"
         if cmd == "/task":
             if len(args) != 1 or args[0] not in ("auto", "qa", "math", "claims"):
                 return "usage: /task auto|qa|math|claims"
@@ -207,7 +304,14 @@ class ChatSession:
             return self.describe()
         if cmd == "/trace":
             t = self.last_trace
-            return "no trace yet" if t is None else safe_text(json.dumps(json.loads(t.to_json()), indent=1))
+            if t is None:
+                return "no trace yet"
+            if args and args[0] == "--json":
+                return safe_text(json.dumps(json.loads(t.to_json()), indent=1))
+            return render_trace(t) + "\n(/trace --json for the raw record)"
+        if cmd == "/reasoning":
+            t = self.last_trace
+            return "no trace yet" if t is None else render_reasoning(t)
         if cmd == "/save":
             if len(args) != 1:
                 return "usage: /save FILE"
@@ -263,6 +367,7 @@ def run_repl(
     console: Any = None,
     history_file: Path | None = None,
     sandbox_seconds: float = 5.0,
+    log: bool = True,
 ) -> int:
     """The read-eval-print loop. Returns the exit code (0 after Ctrl-D or /quit)."""
     import signal
@@ -277,6 +382,7 @@ def run_repl(
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from ragloop.agents.factory import build_agent
+    from ragloop.agents.rag import attach_sources
     from ragloop.agents.sandbox import Sandbox, SandboxLimits
 
     console = console or Console(highlight=False)
@@ -290,7 +396,6 @@ def run_repl(
     prompt = PromptSession(history=history)
     sandbox = Sandbox(SandboxLimits(wall_seconds=sandbox_seconds, cpu_seconds=max(1, int(sandbox_seconds))))
     policy: Any = None
-    retrievers: dict[str, Any] = {}
     console.print("ragloop chat — /help for commands, Ctrl-D to leave", highlight=False)
     console.print(session.describe(), style="dim", highlight=False)
     while not session.quit:
@@ -316,17 +421,22 @@ def run_repl(
                 console.print("loading the model…", style="dim")
                 policy = load_policy()
             retriever = None
-            if session.agent == "react" and session.index:
-                if session.index not in retrievers:
-                    from ragloop.retrieval import Retriever
-
-                    retrievers[session.index] = Retriever.open(session.index)
-                retriever = retrievers[session.index]
+            if session.agent in ("react", "rag") and session.index:
+                retriever = session.retriever(session.index)
             spec = session.spec_with()
             agent = build_agent(policy, spec, retriever=retriever, sandbox=sandbox,
-                                on_event=EventPrinter(console))
+                                on_event=EventPrinter(console, reasoning_lines=3))
             trace = agent.run(line)
+            attach_sources(trace, retriever)
             session.traces.append(trace)
+            from rich.text import Text
+
+            for note in answer_notes(trace):
+                console.print(Text(safe_text(note), style="dim"))
+            if log:
+                from ragloop.core.logs import append_exchange
+
+                append_exchange(trace, command="chat", index=session.index)
         except KeyboardInterrupt:
             killed = sandbox.cancel()
             console.print(f"\ncancelled{' (stopped the sandbox)' if killed else ''}", style="yellow")

@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 
 # Areas whose modules register commands; a module that does not exist yet is skipped.
-_AREAS = ("models", "retrieval", "tools", "agents", "alignment", "serve")
+_AREAS = ("models", "retrieval", "tools", "agents", "alignment", "logs", "serve")
 
 
 @app.callback()

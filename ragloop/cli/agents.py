@@ -20,7 +20,9 @@ from ragloop.core.errors import DataError, UsageError
 
 POLICY_HELP = "Policy model: default, an HF directory, a .gguf file or a ragloop checkpoint."
 PRECISION_HELP = "Decode weights of the fast path: fp32 (exact), bf16, int8 or int4 (faster; see RESULTS.md)."
-AGENT_HELP = "Agent: react (Thought/Action/Observation), pal (program + sandbox) or cot (chain of thought)."
+AGENT_HELP = ("Agent: rag (retrieve, answer with citations; the default with --index), react "
+              "(Thought/Action/Observation; the default without), pal (program + sandbox) or cot (chain of thought).")
+NO_LOG_HELP = "Do not append this exchange to the local log ($RAGLOOP_HOME/logs.db; see `ragloop logs`)."
 
 
 def load_policy_spec(spec: str | None, precision: str = "fp32") -> Any:
@@ -59,8 +61,8 @@ def _console(stderr: bool = False) -> Any:
 # ------------------------------------------------------------------------------------------------ ask
 def ask_cmd(
     question: str = typer.Argument(..., help="The question ('-' reads it from stdin)."),
-    agent: str = typer.Option("react", "--agent", "-a", help=AGENT_HELP),
-    index: str | None = typer.Option(None, "--index", "-i", help="Index (path or name) that ReAct searches."),
+    agent: str | None = typer.Option(None, "--agent", "-a", help=AGENT_HELP),
+    index: str | None = typer.Option(None, "--index", "-i", help="Index (path or name) that rag / react search."),
     task: str = typer.Option("auto", "--task", help="qa, math or claims (auto: qa with --index, else math)."),
     shots: int | None = typer.Option(None, "--shots", help="Exemplars in the prompt (0 = zero-shot)."),
     self_consistency: int = typer.Option(1, "--self-consistency", help="Sample N answers and take the majority."),
@@ -74,20 +76,29 @@ def ask_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the whole Trace as JSON on stdout."),
     save: str | None = typer.Option(None, "--save", help="Append the Trace to this JSONL file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; print only the answer."),
+    no_log: bool = typer.Option(False, "--no-log", help=NO_LOG_HELP),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
     precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
 ) -> None:
-    """Ask one question; the agent reasons (and searches / computes) and answers."""
+    """Ask one question; the agent reasons (and searches / computes) and answers, with its sources.
+
+    Examples:
+      ragloop ask "Does nucleus sampling ever pick a token outside the top-k?" --index mydocs
+      ragloop ask "A store sells pens at 3 for $2. How much do 18 pens cost?" --agent pal
+    """
     from ragloop.agents.factory import AgentSpec, build_agent
-    from ragloop.agents.repl import EventPrinter, safe_text
+    from ragloop.agents.rag import attach_sources
+    from ragloop.agents.repl import EventPrinter, answer_notes, safe_text
     from ragloop.core.trace import write_traces
 
     if question == "-":
         question = sys.stdin.read()
     if not question.strip():
         raise UsageError("the question is empty", hint='e.g. ragloop ask "What is 3 * 7?" --agent pal')
+    if agent is None:
+        agent = "rag" if index else "react"
     if task == "auto":
-        task = "qa" if (agent == "react" and index) else "math"
+        task = "qa" if (agent in ("react", "rag") and index) else "math"
     tool_names = tuple(t.strip() for t in tools.split(",") if t.strip())
     if action_format not in ("text", "json"):
         raise UsageError(f"--action-format must be text or json, got {action_format!r}")
@@ -97,42 +108,63 @@ def ask_cmd(
                      seed=seed)
     retriever = None
     if index:
-        if agent != "react":
-            raise UsageError(f"--index is for the react agent (got --agent {agent})")
+        if agent not in ("react", "rag"):
+            raise UsageError(f"--index is for the react agent and the rag agent (got --agent {agent})")
         from ragloop.retrieval import Retriever
 
         retriever = Retriever.open(index)
     pol = load_policy_spec(policy, precision)
     printer = None if (quiet or as_json) else EventPrinter(_console())
     trace = build_agent(pol, spec, retriever=retriever, on_event=printer).run(question)
+    attach_sources(trace, retriever)
     if save:
         write_traces(save, [trace], append=True)
+    if not no_log:
+        from ragloop.core.logs import append_exchange
+
+        append_exchange(trace, command="ask", index=index)
     if as_json:
         typer.echo(trace.to_json())
     elif quiet:
         typer.echo(safe_text(trace.answer if trace.answer is not None else "(no answer)"))
+    else:
+        for line in answer_notes(trace):
+            typer.echo(safe_text(line))
 
 
 # ----------------------------------------------------------------------------------------------- chat
 def chat_cmd(
-    agent: str = typer.Option("react", "--agent", "-a", help=AGENT_HELP),
-    index: str | None = typer.Option(None, "--index", "-i", help="Index (path or name) that ReAct searches."),
+    agent: str | None = typer.Option(None, "--agent", "-a", help=AGENT_HELP),
+    index: str | None = typer.Option(None, "--index", "-i", help="Index (path or name) that rag / react search."),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
     precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     timeout: float = typer.Option(5.0, "--timeout", help="Wall-clock limit of each sandboxed program, seconds."),
+    no_log: bool = typer.Option(False, "--no-log", help=NO_LOG_HELP),
 ) -> None:
-    """Interactive agent REPL: streams tokens, shows Thought / Action / Observation live. /help inside."""
+    """Interactive agent REPL: streams tokens, shows Thought / Action / Observation live. /help inside.
+
+    Examples:
+      ragloop chat --index mydocs            # rag agent: answers with sources; /agent react to switch
+      ragloop chat --agent pal --timeout 10
+    """
     from ragloop.agents.repl import ChatSession, run_repl
 
-    if agent not in ("react", "pal", "cot"):
-        raise UsageError(f"unknown agent {agent!r}", hint="choose react, pal or cot")
-    session = ChatSession(agent=agent, index=index, settings={"temperature": temperature, "seed": seed})
+    if agent is None:
+        agent = "rag" if index else "react"
+    if agent not in ("rag", "react", "pal", "cot"):
+        raise UsageError(f"unknown agent {agent!r}", hint="choose rag, react, pal or cot")
+    if agent == "rag" and not index:
+        raise UsageError("the rag agent needs an index", hint="ragloop chat --index mydocs")
+    session = ChatSession(agent=agent, settings={"temperature": temperature, "seed": seed})
     if not 0 < timeout <= 3600:
         raise UsageError(f"--timeout must be in (0, 3600] seconds, got {timeout}")
+    if index:
+        session.retriever(index)  # a bad index is reported now, not at the first question
+        session.index = index
     rc = run_repl(session, lambda: load_policy_spec(policy, precision), history_file=ragloop_home() / "chat_history",
-                  sandbox_seconds=timeout)
+                  sandbox_seconds=timeout, log=not no_log)
     raise typer.Exit(rc)
 
 

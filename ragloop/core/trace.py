@@ -69,6 +69,25 @@ class Step(BaseModel):
     seconds: float = 0.0
 
 
+class Source(BaseModel):
+    """A passage an agent retrieved and showed the model, numbered as the answer cites it (``[n]``).
+
+    ``location`` is human-readable: ``page 3``, ``section "Install"``, ``lines 10-24`` (empty if unknown).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    n: int
+    chunk_id: str
+    doc_id: str = ""
+    source: str = ""  # the file (or record id) the passage came from
+    title: str = ""
+    location: str = ""
+    score: float | None = None
+    cited: bool = False  # the answer cites it as [n]
+    text: str = ""  # the passage as retrieved (what groundedness is measured against)
+
+
 class Feedback(BaseModel):
     """Signals attached after the run: rewards, critiques, AI labels, correctness."""
 
@@ -104,6 +123,7 @@ class Trace(BaseModel):
     tokens_in: int = 0
     tokens_out: int = 0
     injection_flags: list[str] = Field(default_factory=list)  # heuristics tripped by context text
+    sources: list[Source] = Field(default_factory=list)  # passages retrieved, numbered as cited (schema 1 adds)
     feedback: Feedback = Field(default_factory=Feedback)
     meta: dict[str, Any] = Field(default_factory=dict)
 

@@ -19,11 +19,21 @@ ROOT = Path(__file__).resolve().parents[2]
 RAGLOOP = Path(sys.executable).parent / "ragloop"
 
 
+def _open_index(name: str):
+    from ragloop.core.errors import IndexStoreError
+
+    if name != "mydocs":
+        raise IndexStoreError(f"no index at {name}")
+    return object()
+
+
 def test_commands_change_state():
-    s = ChatSession()
+    s = ChatSession(open_index=_open_index)
     assert s.command("/agent pal") == "agent: pal" and s.agent == "pal"
     assert s.command("/agent nope").startswith("usage")
     assert s.command("/index mydocs") == "index: mydocs" and s.command("/index none") == "index: none"
+    # a bad index is refused at once and the old one kept
+    assert s.command("/index nosuch") == "error: no index at nosuch; still using index none" and s.index is None
     assert s.command("/set temperature 0.7") == "temperature = 0.7" and s.settings["temperature"] == 0.7
     assert s.command("/set temperature -1").startswith("error: temperature must be >= 0")
     assert s.command("/set top_p 2").startswith("error: top_p")
@@ -32,7 +42,8 @@ def test_commands_change_state():
     assert s.command("/set self_consistency 0").startswith("error: --self-consistency")
     assert "agent=pal" in s.command("/settings") and "temperature=0.7" in s.command("/settings")
     assert s.command("/trace") == "no trace yet" and s.command("/save x.jsonl") == "no trace yet"
-    assert "/agent react|pal|cot" in s.command("/help")
+    assert "/agent rag|react|pal|cot" in s.command("/help")
+    assert s.command("/agent rag").startswith("the rag agent needs an index")
     assert s.command("/frobnicate").startswith("unknown command")
     assert s.command("/quit") == "bye" and s.quit
 
@@ -68,8 +79,9 @@ def test_render_trace_for_each_agent():
         Step(index=1, thought="add", action=ToolCall(name="Calculator", arguments={"expression": "2+2"}),
              observation="Observation 1: <data> 4 </data>"),
         Step(index=2, thought="done", action=ToolCall(name="Finish", arguments={"answer": "4"}))])
-    assert render_trace(t) == ("Question: q?\nThought 1: add\nAction 1: Calculator[2+2]\nObservation 1: <data> 4 </data>"
-                               "\nThought 2: done\nAction 2: Finish[4]\nAnswer: 4")
+    assert render_trace(t).split("\n", 1)[1] == (
+        "Question: q?\nThought 1: add\nAction 1: Calculator[2+2]\nObservation 1: <data> 4 </data>"
+        "\nThought 2: done\nAction 2: Finish[4]\nAnswer: 4")
     pal = Trace(agent="pal", question="q", steps=[Step(index=1, code="def solution():\n    return 1\n",
                                                        observation="solution() returned 1")], answer="1")
     assert "Result: solution() returned 1" in render_trace(pal)
@@ -126,6 +138,9 @@ def test_repl_session_in_a_terminal(tmp_path):
     _send(child, f"/save {save}")
     child.expect("saved the last trace")
     _send(child, "/trace")
+    child.expect("agent cot")
+    child.expect("/trace --json for the raw record")
+    _send(child, "/trace --json")
     child.expect('"agent": "cot"')
     time.sleep(0.3)
     child.sendeof()  # Ctrl-D
@@ -176,3 +191,62 @@ def test_ctrl_c_cancels_the_step_and_kills_the_sandbox_child(tmp_path):
         if child.isalive():
             _kill_workers(child.pid)
             child.close(force=True)
+
+
+def test_repl_rag_sources_index_check_readable_trace_and_log(tmp_path):
+    """The issue-13 behaviour in a real terminal: /index is checked at once, the rag agent prints its sources
+    under the answer, CoT votes and ties are shown, /trace is a step list, every exchange lands in the log."""
+    from ragloop.core.logs import recent_exchanges
+    from ragloop.retrieval import HashingEmbedder, build_index
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "server.md").write_text("# Server\n\nThe admin server listens on port 8443 by default.\n")
+    (docs / "mascot.txt").write_text("The mascot of the project is a bluefin tuna.\n")
+    idx = tmp_path / "idx"
+    build_index([str(docs)], str(idx), embedder=HashingEmbedder(64))
+    child = _spawn(tmp_path, ["The admin server listens on port 8443 [1].",
+                              "2 + 2 = 4. The answer is 4.", "2 + 2 = 5. The answer is 5."], "--agent", "pal")
+    try:
+        child.expect("pal>")
+        _send(child, "/index nosuchindex")
+        child.expect("error: no index at .*nosuchindex.*still using index none")
+        child.expect("pal>")
+        _send(child, f"/index {idx}")
+        child.expect("index: .*idx \\(2 documents")
+        _send(child, "/agent rag")
+        child.expect("agent: rag")
+        child.expect("rag>")
+        _send(child, "Which port does the admin server listen on?")
+        child.expect("Answer: The admin server listens on port 8443")
+        child.expect("Sources:")
+        child.expect("server.md")
+        child.expect("cited")
+        child.expect("rag>")
+        _send(child, "/trace")
+        child.expect("1. Search\\[Which port")
+        child.expect("2. Answer draft")
+        child.expect("rag>")
+        _send(child, "/agent cot")
+        child.expect("cot>")
+        _send(child, "/set self_consistency 2")
+        child.expect("self_consistency = 2")
+        _send(child, "/set temperature 0.7")
+        child.expect("temperature = 0.7")
+        _send(child, "What is 2 + 2?")
+        child.expect("Sample 1: answer 4")
+        child.expect("Sample 2: answer 5")
+        child.expect("Votes: 4: 1 vote, 5: 1 vote")
+        child.expect("Tie between 4, 5")
+        child.expect("cot>")
+        time.sleep(0.3)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        if child.isalive():
+            child.close(force=True)
+    logged = recent_exchanges(None, path=tmp_path / "home" / "logs.db")
+    assert [e.agent for e in logged] == ["rag", "cot"]
+    assert logged[0].trace().sources[0].source.endswith("server.md")
