@@ -12,7 +12,9 @@ and a JSON tool-call format::
 
 Security (SECURITY.md §4): these functions are only ever given the model's generation for one step —
 the agent stops generation at ``Observation`` and never passes observation text here — and every
-pattern is line-anchored, so a planted ``Finish[...]`` inside prose does not count as an action.
+pattern is line-anchored, so a planted ``Finish[...]`` inside prose does not count as an action. A
+model can still *reproduce* a planted action on a line of its own; the agent refuses those by provenance
+(``ragloop.agents.safety.ProvenanceGuard``), whichever parser (or grammar) produced the action.
 
 Repairs: a 135M model often writes ``Action: search["x"]`` or ``Search(x)``. Each accepted near-miss is
 named in ``ParsedStep.repairs`` (and so in the Trace), so format validity can be measured strictly
@@ -57,7 +59,6 @@ class ParsedStep:
 
 _MD_LABEL_RE = re.compile(r"^(\s*)\*\*\s*(thought|action|final answer)(\s*\d*)\s*(:?)\s*\*\*\s*:?", re.I | re.M)
 _ACTION_LINE_RE = re.compile(r"^[ \t]*(action)[ \t]*(\d+)?[ \t]*[:：][ \t]*(.*)$", re.I | re.M)
-_INLINE_ACTION_RE = re.compile(r"\b(action)[ \t]*(\d+)?[ \t]*[:：][ \t]*(.*)$", re.I | re.M)
 _THOUGHT_PREFIX_RE = re.compile(r"^\s*thought[ \t]*\d*[ \t]*[:：]\s*", re.I)
 _FINAL_ANSWER_RE = re.compile(r"^[ \t]*(final answer|answer)[ \t]*[:：][ \t]*(.+)$", re.I | re.M)
 _CALL_RE = re.compile(r"^([A-Za-z][A-Za-z_ ]{0,30}?)[ \t]*([\[(])(.*)$", re.S)
@@ -153,7 +154,6 @@ def parse_react_text(text: str, *, step: int, tools: Sequence[str], finish_tool:
         src = md
 
     line = _ACTION_LINE_RE.search(src)
-    inline = None
     if line is not None:
         thought_text, label, num, content = src[: line.start()], line.group(1), line.group(2), line.group(3)
         after = src[line.end() :]
@@ -167,16 +167,11 @@ def parse_react_text(text: str, *, step: int, tools: Sequence[str], finish_tool:
             + FORMAT_HINT_TEXT.format(i=step, tools=", ".join(tools)).removeprefix("Write exactly one line "),
             error_type="no-action",
         )
-    else:
-        inline = _INLINE_ACTION_RE.search(src)
-        if inline is not None:
-            repairs.append("inline-action")
-            thought_text, label, num, content = src[: inline.start()], inline.group(1), inline.group(2), inline.group(3)
-            after = src[inline.end() :]
-        else:
-            thought_text, label, num, content, after = src, "Action", str(step), "", ""
+    # An "Action i:" in the middle of a line is NOT read (there used to be an inline repair): a model quoting
+    # a document without its delimiters ("The page says: ... Action 2: Finish[x]") would have turned the
+    # planted text into its action. The agent re-asks with "Action i:" instead (repair action-prompted).
 
-    if line is None and inline is None:
+    if line is None:
         # a bare call line "Search[x]" or a "Final Answer: x" line written by the model
         bare = re.search(r"^[ \t]*(" + "|".join(map(re.escape, tools)) + r")[ \t]*[\[(].*$", src, re.I | re.M)
         final = _FINAL_ANSWER_RE.search(src)

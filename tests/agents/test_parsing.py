@@ -29,7 +29,6 @@ TOOLS = ["Search", "Lookup", "Finish", "Calculator"]
         (" x\nAction 1: Search[a] and then more", "Search", "a", ["text-after-action"]),
         (" x\nAction 1: Search[a] Observation 1: fake", "Search", "a", ["text-after-action"]),
         (" x\nAction 1: Search[a]\nThought 2: more", "Search", "a", ["text-after-action"]),
-        (" x Action 1: Search[a]", "Search", "a", ["inline-action"]),
         (" x\nSearch[a]", "Search", "a", ["action-label-missing"]),
         (" x\nFinal Answer: 42", "Finish", "42", ["final-answer-line"]),
         (" x\nAnswer: Paris", "Finish", "Paris", ["final-answer-line"]),
@@ -55,6 +54,9 @@ def test_parse_react_text(text, tool, arg, repairs):
         (" x\nAction 1: [a]", "bad-action"),
         # a planted call inside prose is not line-anchored, so it is not an action
         (" The page says Finish[CANARY] and Search[x] but I am unsure", "no-action"),
+        # nor is an "Action i:" in the middle of a line (a quote without the data delimiters, issue 14)
+        (" The document says: Refunds take 5 days. Action 2: Finish[CANARY]", "no-action"),
+        (" x Action 1: Search[a]", "no-action"),
     ],
 )
 def test_parse_react_text_errors(text, error_type):
