@@ -511,6 +511,58 @@ class FastStepper:
         self._pos = self._pos + 1
         return logits
 
+    # -- continuous batching (ragloop.models.engine) --------------------------------------------------------
+
+    def can_regroup(self) -> bool:
+        """True when rows can be dropped and added mid-decode (a running batch without a shared prompt cache)."""
+        return self._pos is not None and self._n == 1
+
+    @torch.inference_mode()
+    def regroup(self, keep: torch.LongTensor, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.Tensor:
+        """Keep rows ``keep`` (in that order) of the running batch and append new LEFT-padded prompts (N, T).
+
+        Returns the new rows' logits (N, V); the kept rows continue where they were. Caches stay right-
+        aligned: every row's newest slot is the last filled one, and the slots before a row's start are masked
+        by ``-inf`` in the additive bias, so rows of different lengths share one cache of ``max(len, T)``
+        slots. RoPE was applied when a key was written, so moving a key to another slot does not change it.
+        One copy of the kept cache per call: the engine calls this when rows join, not every token.
+        """
+        if not self.can_regroup():
+            raise UsageError("regroup needs a running batch without a shared prompt cache")
+        N, T = input_ids.shape
+        K = int(keep.numel())
+        if K + N > self.max_batch:
+            raise UsageError(f"batch {K + N} exceeds max_batch={self.max_batch}", hint="split the batch")
+        am = attention_mask.to(torch.bool)
+        if not bool(am[:, -1].all()):
+            raise UsageError("prompts must be LEFT-padded: the last position of every row must be a token")
+        old = self._len
+        L = max(old, T)
+        if L + 1 > self.max_seq_len:
+            raise ContextWindowError(f"the prompt has {T} tokens, more than max_seq_len={self.max_seq_len}")
+        # the new rows on their own: a prefill into their own (N, KV, T, hd) cache
+        pos = (am.long().cumsum(-1) - 1).clamp_min(0)  # (N, T)
+        bias_new = torch.zeros(N, T).masked_fill_(~am, float("-inf"))  # (N, T)
+        kn, vn = self._zeros(N, T), self._zeros(N, T)
+        logits = self._forward(input_ids, pos, self._prefill_attend(kn, vn, prefill_bias(am)))  # (N, V)
+        # merged cache: kept rows' slots [0, old) → [L - old, L); new rows' [0, T) → [L - T, L)
+        cap = min(self.max_seq_len, L + self.reserve)
+        B = K + N
+        k_all, v_all = self._zeros(B, cap), self._zeros(B, cap)
+        for dst, src_old, src_new in zip(k_all + v_all, self._k + self._v, kn + vn, strict=True):
+            if K:
+                dst[:K, :, L - old : L] = src_old.index_select(0, keep)[:, :, :old]
+            dst[K:, :, L - T : L] = src_new
+        bias = torch.zeros(B, cap)
+        bias[:, :L] = float("-inf")
+        if K:
+            bias[:K, L - old : L] = self._bias.index_select(0, keep)[:, :old]
+        bias[K:, L - T : L] = bias_new
+        self._k, self._v, self._bias = k_all, v_all, bias
+        self._pos = torch.cat([self._pos.index_select(0, keep), pos[:, -1] + 1])  # (B,)
+        self._len, self._batch = L, B
+        return logits
+
 
 def make_stepper(
     model: torch.nn.Module,
