@@ -99,15 +99,33 @@ def index_cmd(
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-chunk and re-embed everything (new embedder or chunk size, damaged index)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or stats / verify report) as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    list_all: bool = typer.Option(False, "--list", help="List the indexes under $RAGLOOP_HOME/indexes with "
+                                  "documents, chunks, size and date."),
+    docs: bool = typer.Option(False, "--docs", help="List the documents of --index with their chunk counts."),
+    remove: list[str] = typer.Option(None, "--remove", help="Remove this document (file, directory or id from "
+                                     "--docs) from --index; repeatable. Crash-safe: a new generation."),
+    delete: bool = typer.Option(False, "--delete", help="Delete --index entirely (asks first unless --yes)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (--delete)."),
 ) -> None:
     """Index documents (txt, md, rst, html, pdf, json/jsonl, csv, source code) for search and agents.
 
     Crash-safe: once this command succeeds the new index survives a crash; if it is interrupted at any
     point, the previous index stays loadable and unchanged. Exit codes: 0 ok, 7 some files failed (the
     rest was indexed), 2 usage error, 5 index error (damaged, locked by another writer, other embedder).
+
+    Examples:
+      ragloop index ./docs ./notes.pdf --index mydocs
+      ragloop index --list
+      ragloop index --index mydocs --docs
+      ragloop index --index mydocs --remove ./docs/old.md
+      ragloop index --index mydocs --delete --yes
     """
     from ragloop.retrieval import store
 
+    if list_all or docs or remove or delete:
+        _manage(index, paths, list_all=list_all, docs=docs, remove=remove or [], delete=delete, yes=yes,
+                as_json=as_json)
+        return
     root = store.resolve_index_path(index)
     if stats or verify:
         if paths:
@@ -157,6 +175,56 @@ def index_cmd(
         _print_summary(summary)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
+
+
+def _manage(index: str, paths: list[str] | None, *, list_all: bool, docs: bool, remove: list[str], delete: bool,
+            yes: bool, as_json: bool) -> None:
+    """``--list``, ``--docs``, ``--remove``, ``--delete``: one at a time, no paths."""
+    from ragloop.retrieval import manage
+
+    if sum([list_all, docs, bool(remove), delete]) > 1:
+        raise UsageError("use one of --list, --docs, --remove, --delete at a time")
+    if paths:
+        raise UsageError("--list/--docs/--remove/--delete take no positional paths",
+                         hint=f"ragloop index --index {index} --remove PATH")
+    if list_all:
+        infos = manage.list_indexes()
+        if as_json:
+            typer.echo(json.dumps([i.to_dict() for i in infos], indent=1))
+        elif not infos:
+            typer.echo("no indexes yet under $RAGLOOP_HOME/indexes (ragloop index ./docs --index mydocs)")
+        for i in infos if not as_json else []:
+            state = f"  damaged: {i.error}" if i.error else ""
+            typer.echo(f"{_safe(i.name):<20} {i.documents:>6} docs {i.chunks:>8} chunks {i.bytes / 1e6:>9.2f} MB  "
+                       f"{i.updated or '-':<16}  {i.embedder}{state}")
+        return
+    if docs:
+        items = manage.list_documents(index)
+        if as_json:
+            typer.echo(json.dumps([d.to_dict() for d in items], indent=1, ensure_ascii=False))
+            return
+        for d in items:
+            title = f"  ({_safe(d.title)})" if d.title and d.title not in d.doc_id else ""
+            typer.echo(f"{d.chunks:>6} chunks  {_safe(d.doc_id)}{title}")
+        typer.echo(f"{len(items)} documents, {sum(d.chunks for d in items)} chunks")
+        return
+    if remove:
+        summary, ids = manage.remove_documents(index, remove)
+        for i in ids:
+            typer.echo(f"removed {_safe(i)}")
+        typer.echo(f"{summary.documents} documents, {summary.chunks} chunks left in {_safe(summary.index)} "
+                   f"({summary.generation})")
+        return
+    root = manage.index_root(index)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"not deleting {root} without confirmation", hint="add --yes to delete it")
+        info = manage.index_info(root)
+        if not typer.confirm(f"Delete index {root} ({info.documents} documents, {info.bytes / 1e6:.2f} MB)?"):
+            typer.echo("not deleted")
+            raise typer.Exit(1)
+    manage.delete_index(index)
+    typer.echo(f"deleted {_safe(str(root))}")
 
 
 def search_cmd(
