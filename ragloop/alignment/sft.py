@@ -6,8 +6,20 @@
   engineering and fine-tuning. The loss is the mean next-token NLL over trainable assistant tokens only
   (``masking``), in the chat format the policy runs on.
 - Guards against forgetting: gradient-norm clipping, an optional L2 pull towards the initial weights
-  (L2-SP, Li et al. 2018), and a held-out *general* set whose per-token NLL is measured before and after
-  (catastrophic forgetting, McCloskey & Cohen 1989; measured as in Luo et al. 2023).
+  (L2-SP, Li et al. 2018), an optional gradient-norm penalty (below), and a held-out *general* set whose
+  per-token NLL is measured before and after (catastrophic forgetting, McCloskey & Cohen 1989; measured as
+  in Luo et al. 2023).
+- Gradient-norm penalty (``grad_norm_penalty`` = λ): each micro-batch minimises ``L + λ/k · ‖∇_θ L̄_mb‖²``,
+  where ``L̄_mb`` is that micro-batch's mean token NLL and ``k`` the micro-batches per step (so with
+  ``grad_accum = 1`` it is exactly ``L + λ‖∇_θ L‖²``). This is the explicit gradient regulariser of Barrett &
+  Dherin 2021 ("Implicit Gradient Regularization", eq. 2: ``L + (h/4)‖∇L‖²``, λ in place of ``h/4``) and of
+  Smith et al. 2021 (the mean of mini-batch gradient norms that SGD penalises implicitly), computed by
+  double backpropagation (Drucker & LeCun 1992 penalised the input gradient the same way): the gradient is
+  taken with ``create_graph=True`` so its squared norm can be differentiated again. It discourages steps
+  into sharp regions where a small update changes the loss a lot — a regulariser against large updates;
+  its effect on forgetting is measured by ``benchmarks/bench_grad_penalty.py``. Costs about 2-3× a plain
+  step; attention runs through PyTorch's math SDPA kernel during those steps (the fused CPU kernels have
+  no second derivative). Only the NLL's gradient is penalised (not the L2-SP term's).
 - Multi-task mixing: rows are grouped by ``source`` and drawn with the given weights (``mix_rows``).
 - Robustness (SECURITY.md §5): a non-finite loss or gradient skips the step and is counted, K in a row
   abort with the last good checkpoint intact; checkpoints (trainable weights + optimizer + RNG) are exact:
@@ -27,7 +39,8 @@ import os
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -75,6 +88,7 @@ class SFTConfig:
     schedule: Literal["constant", "cosine"] = "cosine"
     max_grad_norm: float | None = 1.0  # gradient-norm clipping (None = off)
     l2_init_coef: float = 0.0  # λ·Σ‖θ − θ₀‖² over trainable weights (L2-SP); 0 = off
+    grad_norm_penalty: float = 0.0  # λ·‖∇θ NLL‖² by double backprop (Barrett & Dherin 2021); 0 = off
     bf16: bool = False  # bfloat16 autocast (CPU and GPU)
     seed: int = 0
     save_every: int = 50  # steps between checkpoints (and one at the end)
@@ -105,6 +119,7 @@ class SFTConfig:
             (self.num_virtual_tokens >= 1, "num_virtual_tokens must be >= 1"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
             (self.l2_init_coef >= 0, "l2_init_coef must be >= 0"),
+            (self.grad_norm_penalty >= 0 and math.isfinite(self.grad_norm_penalty), "grad_norm_penalty must be >= 0"),
             (self.save_every >= 1 and self.keep_checkpoints >= 1, "save_every and keep_checkpoints must be >= 1"),
             (self.max_nonfinite >= 1, "max_nonfinite must be >= 1"),
             (self.budget_seconds is None or self.budget_seconds > 0, "budget_seconds must be > 0"),
@@ -117,7 +132,8 @@ class SFTConfig:
 
     # fields that must match when resuming (the rest — budget, save cadence — may change)
     RESUME_KEYS = ("method", "lr", "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha",
-                   "lora_targets", "num_virtual_tokens", "seed", "schedule", "warmup_steps", "l2_init_coef")
+                   "lora_targets", "num_virtual_tokens", "seed", "schedule", "warmup_steps", "l2_init_coef",
+                   "grad_norm_penalty")
 
 
 @dataclass
@@ -243,6 +259,36 @@ def mean_nll(model: Any, examples: Sequence[TokenizedExample], pad_id: int, *, b
     return total / max(1, count)
 
 
+def grad_norm_penalty(loss: Any, params: Sequence[Any], coef: float) -> Any:
+    """``coef · ‖∇_params loss‖²`` as a differentiable scalar (double backprop, Barrett & Dherin 2021 eq. 2).
+
+    The gradient is built with ``create_graph=True``, so backpropagating the result adds
+    ``2·coef·H·∇loss`` (a Hessian-vector product) to each parameter's gradient. Parameters that ``loss``
+    does not depend on contribute 0. For ``loss = Σ θ²`` at ``θ = [1, 2]`` the gradient is ``[2, 4]`` and
+    ``grad_norm_penalty(loss, [θ], 0.5) -> 0.5 · (4 + 16) = 10.0``.
+    """
+    import torch
+
+    grads = torch.autograd.grad(loss, list(params), create_graph=True, allow_unused=True)
+    sq = [g.float().pow(2).sum() for g in grads if g is not None]
+    if not sq:
+        return loss.new_zeros(())
+    return coef * torch.stack(sq).sum()
+
+
+@contextmanager
+def _double_backprop_attention(on: bool) -> Iterator[None]:
+    """Route scaled-dot-product attention through the math kernel, whose ops have second derivatives
+    (the fused flash/memory-efficient kernels do not); a no-op when ``on`` is False."""
+    if not on:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
 # --------------------------------------------------------------------------------------- model setup
 
 
@@ -330,6 +376,9 @@ def run_sft(
 
     accel = _distributed()
     rank, world = (accel.process_index, accel.num_processes) if accel else (0, 1)
+    if accel and cfg.grad_norm_penalty > 0:
+        raise ConfigError("the gradient-norm penalty is not supported data-parallel (DDP does not reduce a "
+                          "double backward)", hint="run it in one process, or set grad_norm_penalty to 0")
     if accel:
         log.info("SFT data-parallel over %d processes (rank %d)", world, rank)
     base_model = policy.model
@@ -405,12 +454,18 @@ def run_sft(
         opt.zero_grad(set_to_none=True)
         mbs = micro_batches(step)
         n_tok = sum(sum(1 for x in examples[i].labels[1:] if x != IGNORE_INDEX) for mb in mbs for i in mb)
-        step_loss, ok = 0.0, True
+        step_loss, step_penalty, ok = 0.0, 0.0, True
         for mb in mbs:
             batch = pad_batch([examples[i] for i in mb], pad_id)
             tokens_seen += int(batch["attention_mask"].sum())
-            loss_sum, _ = token_nll_sum(model, batch, bf16=cfg.bf16)
+            with _double_backprop_attention(cfg.grad_norm_penalty > 0):
+                loss_sum, n_mb = token_nll_sum(model, batch, bf16=cfg.bf16)
             loss = loss_sum / max(1, n_tok)
+            if cfg.grad_norm_penalty > 0:
+                penalty = grad_norm_penalty(loss_sum / max(1, n_mb), list(params.values()),
+                                            cfg.grad_norm_penalty / len(mbs))
+                loss = loss + penalty
+                step_penalty += float(penalty.detach())
             if cfg.l2_init_coef > 0:
                 loss = loss + cfg.l2_init_coef * sum(((params[n] - init[n]) ** 2).sum() for n in params) / len(mbs)
             if loss_hook is not None:
@@ -418,7 +473,8 @@ def run_sft(
             if not guard.check(loss, what="loss"):
                 ok = False
                 break
-            (accel.backward(loss) if accel else loss.backward())
+            with _double_backprop_attention(cfg.grad_norm_penalty > 0):
+                (accel.backward(loss) if accel else loss.backward())
             step_loss += float(loss.detach())
         grad_norm = float("nan")
         if ok:
@@ -438,6 +494,8 @@ def run_sft(
             horizon = max(step, min(planned, int(cfg.budget_seconds / max(1e-6, spent / step))))
         row = {"loss": step_loss if ok else float("nan"), "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
                "tokens_per_s": tokens_seen / max(1e-9, elapsed), "step_seconds": dt, "skipped": guard.skipped}
+        if cfg.grad_norm_penalty > 0:
+            row["grad_penalty"] = step_penalty if ok else float("nan")  # included in "loss"
         if logger and (step % cfg.log_every == 0 or step == planned):
             history.append(logger.log(step, row))
             if progress:
@@ -496,4 +554,4 @@ def sft_report_line(res: SFTResult) -> str:
 
 
 __all__ = ["SFTConfig", "SFTResult", "run_sft", "mix_rows", "epoch_batches", "lr_at", "mean_nll", "DropReport",
-           "wrap_for_training", "sft_report_line"]
+           "wrap_for_training", "sft_report_line", "grad_norm_penalty"]

@@ -65,6 +65,9 @@ def train_sft(
     batch_size: int = typer.Option(8, "--batch-size"),
     max_length: int = typer.Option(512, "--max-length", help="Longer rows are dropped and counted."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast."),
+    grad_norm_penalty: float = typer.Option(
+        0.0, "--grad-norm-penalty", metavar="COEF",
+        help="Add COEF·‖∇θ loss‖² to the loss (double backprop, Barrett & Dherin 2021); 0 = off; ~2-3× per step."),
     seed: int = typer.Option(0, "--seed"),
     budget_minutes: float | None = typer.Option(None, "--budget-minutes"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
@@ -91,7 +94,8 @@ def train_sft(
         report.dropped.update(rep0.dropped)
     typer.echo(f"data: {report.summary()}", err=True)
     cfg = SFTConfig(out_dir=str(out), method=method, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                    max_length=max_length, bf16=bf16, seed=seed, budget_seconds=_budget(budget_minutes))
+                    max_length=max_length, bf16=bf16, seed=seed, budget_seconds=_budget(budget_minutes),
+                    grad_norm_penalty=grad_norm_penalty)
     res = run_sft(cfg, load_policy(policy), rows, resume=resume, progress=_echo_row())
     typer.echo(sft_report_line(res))
 
