@@ -385,16 +385,127 @@ def _parse_pdf(path: Path, data: bytes) -> tuple[list[Segment], str]:
     return segments, title
 
 
-def _parse_html(text: str) -> tuple[list[Segment], str]:
-    from bs4 import BeautifulSoup
+# HTML: block structure kept, boilerplate dropped. Hand-written over BeautifulSoup (already a dependency)
+# rather than trafilatura/readability-lxml: those pull in several more packages for what, on documentation
+# pages, comes down to the same heuristics (Kohlschütter et al. 2010, "Boilerplate Detection using Shallow
+# Text Features"; the HTML5 landmark roles): drop nav/header/footer/aside and elements whose role, id or
+# class names them, prefer <main>/<article>, and keep inline markup (<a>, <code>, <em>) inside its sentence.
+_HTML_DROP_TAGS = ["script", "style", "noscript", "template", "svg", "iframe", "form", "button", "select",
+                   "input", "nav", "aside", "footer", "dialog"]
+_HTML_DROP_ROLES = {"navigation", "banner", "contentinfo", "complementary", "search", "menu", "menubar", "dialog"}
+_HTML_BOILER = re.compile(
+    r"(?:^|[-_ ])(nav|navbar|navigation|menu|footer|sidebar|side-bar|breadcrumbs?|cookies?|cookie-banner|"
+    r"banner|social|share|sharing|related|advert|ads|promo|subscribe|newsletter|skip-link|pagination|toolbar|"
+    r"masthead|site-header|site-footer|comments?)(?:$|[-_ ])", re.IGNORECASE)
+_HTML_BLOCKS = {"p", "div", "section", "article", "main", "header", "h1", "h2", "h3", "h4", "h5", "h6", "ul",
+                "ol", "li", "dl", "dt", "dd", "pre", "blockquote", "table", "thead", "tbody", "tr", "td", "th",
+                "figure", "figcaption", "hr", "address", "details", "summary", "body", "caption"}
+_HTML_HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
 
-    soup = BeautifulSoup(text, "html.parser")
-    title = soup.title.get_text(strip=True) if soup.title else ""
-    for tag in soup(["script", "style", "noscript", "template"]):
+
+def _is_boilerplate(tag: Any) -> bool:
+    if tag.get("role", "").lower() in _HTML_DROP_ROLES or tag.get("aria-hidden") == "true":
+        return True
+    if tag.name == "header" and tag.find_parent(["article", "main"]) is None:
+        return True  # a site header; an article's own header holds its title
+    names = " ".join([tag.get("id") or "", *(tag.get("class") or [])])
+    return bool(names.strip()) and bool(_HTML_BOILER.search(names))
+
+
+def html_blocks(html: str) -> tuple[list[tuple[str, str]], str]:
+    """The main content of an HTML page as ``(kind, text)`` blocks (``heading``, ``text``, ``item``, ``pre``)
+    and the page title. Inline tags never split a sentence; navigation, footers and sidebars are dropped.
+
+    ``html_blocks("<nav>Home</nav><p>A <b>bold</b> claim.</p>")[0] -> [("text", "A bold claim.")]``
+    """
+    from bs4 import BeautifulSoup, NavigableString, Tag
+    from bs4.element import Comment, Doctype, ProcessingInstruction
+
+    soup = BeautifulSoup(html, "html.parser")
+    title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    for tag in soup(_HTML_DROP_TAGS):
         tag.decompose()
-    body = soup.get_text("\n")
-    body = re.sub(r"\n\s*\n+", "\n\n", body).strip()
-    return [Segment(body, {})], title
+    for tag in [t for t in soup.find_all(True) if _is_boilerplate(t)]:
+        if not tag.decomposed:
+            tag.decompose()
+    root = soup.find("main") or soup.find(attrs={"role": "main"})
+    if root is None:
+        articles = soup.find_all("article")
+        root = articles[0] if len(articles) == 1 else (soup.body or soup)
+    blocks: list[tuple[str, str]] = []
+    buf: list[str] = []
+
+    def flush(kind: str = "text") -> None:
+        text = " ".join("".join(buf).split())
+        buf.clear()
+        if text:
+            blocks.append((kind, text))
+
+    def walk(node: Any) -> None:
+        for child in node.children:
+            if isinstance(child, (Comment, Doctype, ProcessingInstruction)):
+                continue
+            if isinstance(child, NavigableString):
+                buf.append(str(child))
+            elif isinstance(child, Tag):
+                name = child.name.lower()
+                if name == "br":
+                    buf.append(" ")
+                elif name == "pre":
+                    flush()
+                    code = child.get_text().strip("\n")
+                    if code.strip():
+                        blocks.append(("pre", code))
+                elif name in _HTML_HEADINGS:
+                    flush()
+                    buf.append(child.get_text(" "))
+                    flush("heading")
+                elif name == "li" or name == "dt":
+                    flush()
+                    walk(child)
+                    flush("item")
+                elif name == "tr":
+                    flush()
+                    cells = [" ".join(c.get_text(" ").split()) for c in child.find_all(["td", "th"], recursive=False)]
+                    if any(cells):
+                        blocks.append(("text", " | ".join(cells)))
+                elif name in _HTML_BLOCKS:
+                    flush()
+                    walk(child)
+                    flush()
+                else:
+                    walk(child)  # inline: stays in the sentence
+
+    walk(root)
+    flush()
+    return blocks, title or next((t for k, t in blocks if k == "heading"), "")
+
+
+def _parse_html(text: str) -> tuple[list[Segment], str]:
+    """One segment per heading section (``{"section": heading}``), so chunks never mix two sections and a
+    source can say which section it came from. Block boundaries become blank lines (the chunker's first
+    split point); list items keep a ``- `` marker."""
+    blocks, title = html_blocks(text)
+    segments: list[Segment] = []
+    section, lines, has_body = "", [], False
+
+    def close() -> None:
+        body = "\n\n".join(lines).strip()
+        if body:
+            segments.append(Segment(body, {"section": section} if section else {}))
+
+    for kind, t in blocks:
+        if kind == "heading":
+            if has_body:  # a heading right under another stays with it (no heading-only segments)
+                close()
+                lines, has_body = [], False
+            section = t
+            lines.append("## " + t)
+        else:
+            lines.append(f"- {t}" if kind == "item" else t)
+            has_body = True
+    close()
+    return segments, title
 
 
 def json_to_text(value: Any, prefix: str = "") -> str:
