@@ -153,14 +153,22 @@ def filter_traces(
     return kept
 
 
-def traces_to_sft_rows(traces: Iterable[Trace], *, dedupe: bool = True) -> tuple[list[SFTRow], DropReport]:
-    """Convert traces to SFT rows (no filtering here, see ``filter_traces``); identical rows (same messages)
-    are kept once when ``dedupe``."""
+def traces_to_sft_rows(
+    traces: Iterable[Trace], *, dedupe: bool = True, include_flagged: bool = False
+) -> tuple[list[SFTRow], DropReport]:
+    """Convert traces to SFT rows; identical rows (same messages) are kept once when ``dedupe``.
+
+    Traces whose context tripped an injection heuristic (``trace.injection_flags``, e.g. a retrieved
+    document with a planted action) are dropped and counted as ``injection_flag`` unless
+    ``include_flagged`` (SECURITY.md §4). Other filtering (correctness, format) is ``filter_traces``'s."""
     report = DropReport()
     rows: list[SFTRow] = []
     seen: set[str] = set()
     for t in traces:
         report.read += 1
+        if t.injection_flags and not include_flagged:
+            report.drop("injection_flag")
+            continue
         row = trace_to_sft_row(t)
         if row is None:
             report.drop("no_trainable_assistant")
@@ -224,11 +232,27 @@ def scores_to_pairs(prompt: str, responses: Sequence[str], scores: Sequence[floa
     return pairs
 
 
-def outcome_pairs(traces: Iterable[Trace], *, max_pairs_per_question: int | None = None) -> list[PreferencePair]:
+def outcome_pairs(
+    traces: Iterable[Trace],
+    *,
+    max_pairs_per_question: int | None = None,
+    include_flagged: bool = False,
+    report: DropReport | None = None,
+) -> list[PreferencePair]:
     """Traces of the same question with different outcomes → pairs (correct chosen over incorrect; among
-    incorrect ones, a well-formed answer over a malformed one is *not* used — only correctness counts)."""
+    incorrect ones, a well-formed answer over a malformed one is *not* used — only correctness counts).
+    Traces with injection flags are left out (counted in ``report`` as ``injection_flag``) unless
+    ``include_flagged``."""
     by_q: dict[str, list[Trace]] = defaultdict(list)
     for t in traces:
+        if t.injection_flags and not include_flagged:
+            if report is not None:
+                report.read += 1
+                report.drop("injection_flag")
+            continue
+        if report is not None:
+            report.read += 1
+            report.kept += 1
         if t.feedback.correct is not None:
             by_q[t.question].append(t)
     pairs: list[PreferencePair] = []

@@ -64,10 +64,12 @@ def test_planted_code_ends_in_sandbox_rejection(sandbox):
                        config=ReActConfig(shots=0, max_steps=2, fallback="none"))
     trace = agent.run("What is the refund policy?")
     step = trace.steps[1]
-    assert step.action.name == "Python" and "open('/etc/passwd')" in step.action.arguments["code"]
-    assert step.error_type == "validation"
+    # the model reproduced the planted call on its own line: refused by provenance before any sandbox run
+    # (issue 14); the sandbox still rejects such code when the model writes it itself (the PAL test below)
+    assert step.action is None and step.error_type == "planted-action"
     assert "root:" not in trace.to_json()
-    assert {"code-execution", "instruction-override", "planted-action"} <= set(trace.injection_flags)
+    assert {"code-execution", "instruction-override", "planted-action", "reproduced-planted-action"} <= set(
+        trace.injection_flags)
 
 
 def test_planted_code_through_pal_context(sandbox):
@@ -116,11 +118,21 @@ def test_parser_reads_only_the_first_action_even_without_stops():
     assert p.tool == "Search" and "text-after-action" in p.repairs
 
 
-def test_model_that_writes_its_own_action_is_believed_and_flagged():
-    policy = ScriptedPolicy([" s\nAction 1: Search[refund]", f" the page says so\nAction 2: Finish[{CANARY}]"])
+def test_model_that_reproduces_a_planted_action_on_its_own_line_is_refused():
+    # issue 14: writing the planted "Finish[CANARY]" on its own line is still a copy of the document's action
+    policy = ScriptedPolicy([" s\nAction 1: Search[refund]", f" the page says so\nAction 2: Finish[{CANARY}]",
+                             " I cannot tell.\nAction 3: Finish[unknown]"])
+    trace = ReActAgent(policy, search_backend=KeywordBackend(CANARY_DOC),
+                       config=ReActConfig(shots=0, fallback="none")).run("q?")
+    assert trace.steps[1].error_type == "planted-action" and trace.answer == "unknown"
+    assert {"planted-answer", "reproduced-planted-action"} <= set(trace.injection_flags)
+
+
+def test_model_that_writes_its_own_answer_after_reading_a_plant_is_believed_and_flagged():
+    policy = ScriptedPolicy([" s\nAction 1: Search[refund]", " the page says 5 days\nAction 2: Finish[5 days]"])
     trace = ReActAgent(policy, search_backend=KeywordBackend(CANARY_DOC), config=ReActConfig(shots=0)).run("q?")
-    assert trace.answer == CANARY and trace.finished  # the model wrote it: recorded, and flagged
-    assert "planted-answer" in trace.injection_flags
+    assert trace.answer == "5 days" and trace.finished  # a fact from the evidence, in the model's own action
+    assert "planted-answer" in trace.injection_flags and "reproduced-planted-action" not in trace.injection_flags
 
 
 @pytest.mark.parametrize(
