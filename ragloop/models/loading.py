@@ -110,10 +110,13 @@ def resolve_spec(spec: str | os.PathLike[str] | None) -> ModelSource:
     text = str(spec).strip()
     if not text:
         return resolve_spec(None)
+    if text.startswith("openai:"):  # load_policy serves these; everything else needs local weights
+        raise UsageError(f"{text} is a remote server: this needs a model's local weights (training, tokenizer)",
+                         hint="use a local model: " + SPEC_HINT)
     if text.startswith(("http://", "https://")):
         raise ModelNotFoundError(
-            f"HTTP policy endpoints are not supported yet: {text}",
-            hint="use a local model: " + SPEC_HINT,
+            f"a bare URL is not a policy spec: {text}",
+            hint=f"for an OpenAI-compatible server write openai:MODEL@{text.rstrip('/')}",
         )
     p = Path(text).expanduser()
     if p.is_file():
@@ -463,12 +466,19 @@ def load_policy(
     backend: str = "auto",
     precision: str = "fp32",
 ) -> LocalPolicy:
-    """Load a local policy. ``spec``: None/"default" (embedded SmolLM2), an HF directory, a .gguf file or a
-    ragloop checkpoint directory. ``dtype``: "float32" (default), "bfloat16", "float16" or "auto".
+    """Load a policy. ``spec``: None/"default" (embedded SmolLM2), an HF directory, a .gguf file, a
+    ragloop checkpoint directory, or ``openai:MODEL@URL`` (an ``OpenAIPolicy`` over that server). ``dtype``: "float32" (default), "bfloat16", "float16" or "auto".
     ``backend``: the decode path, "auto" (fast path when available), "hf" or "fast". ``precision``: the
     fast path's decode weights, "fp32" (default), "bf16", "int8" or "int4" (see ``LocalPolicy``)."""
     from ragloop.models.local import PRECISIONS, LocalPolicy
 
+    if isinstance(spec, str) and spec.strip().startswith("openai:"):  # an OpenAI-compatible server
+        from ragloop.models.openai import OpenAIPolicy
+
+        if precision not in ("fp32", "auto") or backend != "auto" or dtype not in ("float32", "auto"):
+            raise UsageError(f"--precision/--backend/--dtype choose how local weights run; {spec} is a server",
+                             hint="drop them, or set them on the server")
+        return OpenAIPolicy.from_spec(spec.strip())  # type: ignore[return-value]
     if precision not in PRECISIONS:  # before the slow load
         raise UsageError(f"unknown decode precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "fp32" and backend == "hf":

@@ -91,6 +91,7 @@ class _Plan:
     prompt_tokens: int
     tool_names: list[str]
     force_tool: bool
+    as_ids: bool = False  # logprob tokens as "token_id:N"
 
 
 def _text_of(m: ChatMessageIn, i: int) -> str:
@@ -216,7 +217,7 @@ class _App:
             )
         except UsageError as e:
             raise APIError(400, str(e)) from None
-        return _Plan(prompt, gcfg, n_prompt, tool_names, force_tool)
+        return _Plan(prompt, gcfg, n_prompt, tool_names, force_tool, as_ids=req.return_tokens_as_token_ids)
 
     async def decode(self, plan: _Plan) -> list[Generation]:
         try:
@@ -241,12 +242,13 @@ def _chat_plan(state: _App, req: ChatCompletionRequest) -> _Plan:
         rf_grammar, rf_text = response_format_grammar(req.response_format)
     except UsageError as e:
         raise APIError(400, str(e), param="tools" if req.tools else "response_format") from None
-    if tplan.force and rf_grammar is not None:
-        raise APIError(400, "a required tool call and response_format cannot both constrain one answer",
+    guided = req.guided()
+    if sum(x is not None for x in (tplan.grammar, rf_grammar, guided)) > 1:
+        raise APIError(400, "only one of a required tool call, response_format and guided_* may constrain an answer",
                        param="response_format")
     msgs = to_policy_messages(req.messages)
     msgs = add_system_text(msgs, "\n\n".join(t for t in (tplan.instructions, rf_text) if t))
-    return state.build(req, msgs, logprobs=req.logprobs, grammar=tplan.grammar or rf_grammar,
+    return state.build(req, msgs, logprobs=req.logprobs, grammar=tplan.grammar or rf_grammar or guided,
                        tool_names=tplan.names, force_tool=tplan.force)
 
 
@@ -264,9 +266,15 @@ def _chat_choice(state: _App, plan: _Plan, i: int, g: Generation, with_logprobs:
     if with_logprobs and g.logprobs is not None:
         lp = {"content": [
             {"token": t, "logprob": v, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-            for t, v in zip(token_strings(state.policy, g.token_ids), g.logprobs, strict=False)
+            for t, v in zip(token_strings(state.policy, g.token_ids, as_ids=plan.as_ids), g.logprobs, strict=False)
         ]}
-    return {"index": i, "message": message, "logprobs": lp, "finish_reason": reason}
+    return {"index": i, "message": message, "logprobs": lp, "finish_reason": reason, "stop_reason": _stop_reason(g)}
+
+
+def _stop_reason(g: Generation) -> str | None:
+    """vLLM's ``stop_reason``: None when the model ended (end-of-sequence token) or ran out of tokens, a
+    string when a stop sequence ended it (ragloop does not record which one, so the string is "stop")."""
+    return "stop" if g.finish_reason == "stop" else None
 
 
 def _sse(obj: dict[str, Any]) -> dict[str, str]:
@@ -336,6 +344,12 @@ def create_app(policy: Policy, config: ServeConfig | None = None) -> FastAPI:
                  "max_model_len": policy.context_window}]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def model_card(model_id: str) -> dict[str, Any]:
+        state.check_model(model_id)
+        return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "ragloop",
+                "max_model_len": policy.context_window}
+
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(req: ChatCompletionRequest) -> Any:
         started = time.time()
@@ -380,10 +394,10 @@ def create_app(policy: Policy, config: ServeConfig | None = None) -> FastAPI:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise APIError(400, "prompt must be a string or a list of strings (token-id prompts are not supported)",
                            param="prompt")
-        plans = [state.build(req, p, logprobs=req.logprobs is not None, grammar=None, tool_names=[],
+        plans = [state.build(req, p, logprobs=req.logprobs is not None, grammar=req.guided(), tool_names=[],
                              force_tool=False) for p in prompts]
         rid, created = new_id("cmpl"), now()
-        if req.stream and len(plans) == 1 and plans[0].cfg.n == 1 and req.logprobs is None:
+        if req.stream and len(plans) == 1 and plans[0].cfg.n == 1 and req.logprobs is None and plans[0].cfg.grammar is None:
             head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventSourceResponse(_live_completion(state, plans[0], head, include_usage, rid, started))
@@ -398,11 +412,12 @@ def create_app(policy: Policy, config: ServeConfig | None = None) -> FastAPI:
             for g in gens:
                 lp = None
                 if req.logprobs is not None and g.logprobs is not None:
-                    toks = token_strings(policy, g.token_ids)
+                    texts = token_strings(policy, g.token_ids)
+                    toks = token_strings(policy, g.token_ids, as_ids=req.return_tokens_as_token_ids)
                     lp = {"tokens": toks, "token_logprobs": g.logprobs, "top_logprobs": None,
-                          "text_offset": list(np.cumsum([0] + [len(t) for t in toks[:-1]]).tolist())}
+                          "text_offset": list(np.cumsum([0] + [len(t) for t in texts[:-1]]).tolist())}
                 choices.append({"index": len(choices), "text": g.text, "logprobs": lp,
-                                "finish_reason": finish_reason(g.finish_reason)})
+                                "finish_reason": finish_reason(g.finish_reason), "stop_reason": _stop_reason(g)})
                 all_gens.append(g)
         use = usage(all_gens, sum(p.prompt_tokens for p in plans))
         body = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,

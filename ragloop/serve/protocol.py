@@ -11,13 +11,14 @@ are copied so one client works with both.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ragloop.models.types import FinishReason, Generation
+from ragloop.models.types import FinishReason, Generation, GrammarSpec
 
 
 class APIError(Exception):
@@ -65,9 +66,27 @@ class _Sampling(_Request):
     frequency_penalty: float | None = 0.0
     presence_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    # ragloop / vLLM extensions
+    # ragloop / vLLM extensions (vLLM's names, so one client drives both)
     top_k: int | None = Field(None, ge=-1)
     repetition_penalty: float | None = Field(None, gt=0)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None  # a Lark grammar
+    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N"
+
+    def guided(self) -> GrammarSpec | None:
+        """The vLLM-style guided-decoding field as a GrammarSpec (at most one may be given)."""
+        given = [k for k in ("guided_json", "guided_regex", "guided_grammar") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise APIError(400, f"give at most one of {', '.join(given)}", param=given[1])
+        if self.guided_json is not None:
+            src = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            return GrammarSpec("json_schema", src, name="guided_json")
+        if self.guided_regex is not None:
+            return GrammarSpec("regex", self.guided_regex, name="guided_regex")
+        if self.guided_grammar is not None:
+            return GrammarSpec("lark", self.guided_grammar, name="guided_grammar")
+        return None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -126,5 +145,6 @@ def usage(generations: list[Generation], prompt_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
 
 
-def token_strings(policy: Any, ids: list[int]) -> list[str]:
-    return [policy.detokenize([i]) for i in ids]
+def token_strings(policy: Any, ids: list[int], *, as_ids: bool = False) -> list[str]:
+    """Each token's text (or ``"token_id:N"``, vLLM's ``return_tokens_as_token_ids`` form)."""
+    return [f"token_id:{i}" if as_ids else policy.detokenize([i]) for i in ids]
