@@ -18,12 +18,19 @@ import typer
 
 from ragloop.core.errors import RagloopError, UsageError
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0/C1 controls (not \t \n), and the bidi embedding/override/isolate marks ("Trojan Source")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _safe(text: str) -> str:
-    """``_safe("a\\x1b[2J") -> "a\\\\x1b[2J"``: no escape sequence from a program reaches the terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``_safe("a\\x1b[2J") -> "a\\\\x1b[2J"``: no escape sequence from a program reaches the terminal, and no
+    right-to-left override (``\\u202e``) reorders what is printed after it."""
+
+    def shown(m: re.Match[str]) -> str:
+        code = ord(m.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _CONTROL.sub(shown, text)
 
 
 class ProgramFailed(RagloopError):
@@ -32,21 +39,35 @@ class ProgramFailed(RagloopError):
     exit_code = 1
 
 
-def _read_text(path: str, what: str) -> str:
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _read_text(path: str, what: str, *, max_bytes: int | None = None) -> str:
+    """The file (or stdin for ``-``) as UTF-8 text. With ``max_bytes``, a larger input raises ``_TooLarge``
+    after reading at most ``max_bytes + 1`` bytes (never the whole file: a 300 MB "program" stays on disk)."""
+    limit = -1 if max_bytes is None else max_bytes + 1
     if path == "-":
-        data = sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(limit)
         name = "<stdin>"
     else:
         p = Path(path)
         if not p.exists():
-            raise UsageError(f"{what} file not found: {path}", hint="check the path")
+            raise UsageError(f"{what} file not found: {_safe(path)}", hint="check the path")
         if not p.is_file():
-            raise UsageError(f"{what} is not a regular file: {path}")
+            raise UsageError(f"{what} is not a regular file: {_safe(path)}")
         try:
-            data = p.read_bytes()
+            size = p.stat().st_size
+            if max_bytes is not None and size > max_bytes:
+                raise _TooLarge(size)
+            with p.open("rb") as f:
+                data = f.read(limit)
         except OSError as e:
-            raise UsageError(f"cannot read {what} file {path}: {e.strerror}") from e
-        name = path
+            raise UsageError(f"cannot read {what} file {_safe(path)}: {e.strerror}") from e
+        name = _safe(path)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _TooLarge(len(data))
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -76,17 +97,25 @@ def sandbox_cmd(
 ) -> None:
     """Run a Python program in the PAL sandbox (separate process, rlimits, AST allow-list)."""
     from ragloop.agents.sandbox import Sandbox, SandboxLimits
+    from ragloop.agents.sandbox.host import SandboxResult
 
-    source = _read_text(program, "program")
     if not (0 < timeout <= 3600) or math.isnan(timeout):
         raise UsageError(f"--timeout must be in (0, 3600] seconds, got {timeout}")
     limits = SandboxLimits(wall_seconds=timeout, cpu_seconds=max(1, math.ceil(timeout)), memory_mb=memory_mb)
-    result = Sandbox(limits).run(source, entry=None if module else entry)
+    try:
+        source = _read_text(program, "program", max_bytes=limits.max_source_bytes)
+    except _TooLarge as e:  # the sandbox's own size check, done before the file is read
+        result = SandboxResult(ok=False, error_type="validation",
+                               message=f"the program is {'at least ' if program == '-' else ''}{e.size} bytes; "
+                                       f"the limit is {limits.max_source_bytes}")
+    else:
+        result = Sandbox(limits).run(source, entry=None if module else entry)
     if json_out:
         data = result.to_dict()
         if result.stdout:
             data["stdout"] = result.stdout
-        typer.echo(json.dumps(data, ensure_ascii=False))
+        # still one JSON line, but with control and bidi characters as JSON escapes (\u202e), not raw
+        typer.echo(_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(data, ensure_ascii=False)))
     else:
         if result.stdout:
             typer.echo(_safe(result.stdout), nl=not result.stdout.endswith("\n"))

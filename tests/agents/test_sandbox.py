@@ -46,6 +46,20 @@ ATTACKS: list[tuple[str, str, str | None, str, str]] = [
         "memory",
         r"\*\*",
     ),
+    (  # issue 14: a negative exponent of a Fraction is as large as a positive one (was a 5.8 s timeout)
+        "fraction_pow_negative_exponent",
+        "from fractions import Fraction\nanswer = Fraction(2, 3) ** -(10**9)\n",
+        None,
+        "memory",
+        r"\*\* would give",
+    ),
+    (
+        "fraction_pow_negative_fraction_exponent",
+        "from fractions import Fraction\nanswer = 7 ** Fraction(-(10**9))\n",
+        None,
+        "memory",
+        r"\*\* would give",
+    ),
     (
         "decimal_pow_huge_exponent",
         "from decimal import Decimal\nanswer = Decimal(10) ** (10**9)\n",

@@ -85,6 +85,34 @@ def test_sandbox_usage_errors_exit_2(tmp_path, capsys, args, fragment):
     assert err.startswith("error: ") and fragment in err and "Traceback" not in err
 
 
+def test_sandbox_checks_the_size_before_reading(tmp_path, capsys, monkeypatch):
+    # issue 14: a huge file is refused from its size, without being read into memory
+    big = tmp_path / "big.py"
+    with big.open("wb") as f:
+        f.truncate(300 * 1024 * 1024)  # sparse: 300 MB on paper, nothing on disk
+    real_open = Path.open
+
+    def no_full_read(self, *a, **k):
+        assert self != big, "the oversized program was opened"
+        return real_open(self, *a, **k)
+
+    monkeypatch.setattr(Path, "open", no_full_read)
+    assert main(["sandbox", str(big), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"ok": False, "error_type": "validation",
+                   "message": f"the program is {300 * 1024 * 1024} bytes; the limit is 20000"}
+
+
+def test_sandbox_escapes_bidi_in_values(tmp_path, capsys):
+    prog = write(tmp_path, "p.py", "def solution():\n    return 'abc' + chr(0x202e) + 'def'\n")
+    assert main(["sandbox", prog]) == 0
+    out = capsys.readouterr().out
+    assert "\u202e" not in out and out == '"abc\\u202edef"\n'
+    assert main(["sandbox", prog, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "\u202e" not in out and json.loads(out)["value"] == "abc\u202edef"
+
+
 def test_sandbox_via_the_console_script(tmp_path):
     prog = write(tmp_path, "p.py", "def solution():\n    return [1, 2.5, 'x']\n")
     done = subprocess.run([RAGLOOP, "sandbox", prog, "--json"], capture_output=True, text=True, timeout=60)

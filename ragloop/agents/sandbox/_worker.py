@@ -128,9 +128,13 @@ class Guards:
         if op == "**":
             exp = b
             frac = _fraction_type()
+            exact = frac is not None and (isinstance(a, frac) or isinstance(b, frac))
             if frac is not None and isinstance(b, frac) and b.denominator == 1:
                 exp = b.numerator  # Fraction.__pow__/__rpow__ compute whole exponents exactly
-            if isinstance(exp, int) and exp > 1:
+            # int ** negative int is a float (cannot explode); a Fraction raised to a negative whole power is
+            # exact (1/x)**|n|, as large as x**|n|: Fraction(2, 3) ** -(10**9) used to run into the timeout
+            if isinstance(exp, int) and (exp > 1 or (exact and exp < -1)):
+                exp = abs(exp)
                 mag = _log10_magnitude(a)
                 if mag is not None and mag * exp > self.max_digits:
                     raise self._too_big("**", mag * exp)
