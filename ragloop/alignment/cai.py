@@ -23,7 +23,7 @@ import json
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -125,14 +125,18 @@ def critique_and_revise(policy: Any, prompt: str, response: str, principle: Prin
 
 
 def revise_traces(policy: Any, traces: Sequence[Trace], principles: Sequence[Principle], *,
-                  out_path: str | Path | None = None, max_new_tokens: int = 192, seed: int = 0) -> RevisionResult:
+                  out_path: str | Path | None = None, max_new_tokens: int = 192, seed: int = 0,
+                  progress: Callable[[int, int], None] | None = None) -> RevisionResult:
     """SL-CAI data from traces: each trace's response critiqued and revised under the principles that apply
-    to it (all given ones when none applies); writes SFT rows (JSONL) to ``out_path``."""
+    to it (all given ones when none applies); writes SFT rows (JSONL) to ``out_path``. ``progress(done, total)``
+    is called after each trace."""
     if not principles:
         raise ConfigError("no principles selected")
     rows: list[SFTRow] = []
     revised = unchanged = 0
-    for t in traces:
+    for i, t in enumerate(traces):
+        if progress is not None:
+            progress(i, len(traces))
         prompt, response = trace_prompt_text(t), trace_response_text(t)
         if not response:
             unchanged += 1
@@ -153,6 +157,8 @@ def revise_traces(policy: Any, traces: Sequence[Trace], principles: Sequence[Pri
             revised += 1
         else:
             unchanged += 1
+    if progress is not None:
+        progress(len(traces), len(traces))
     if out_path is not None:
         _write_jsonl(out_path, [r.model_dump() for r in rows])
     return RevisionResult(read=len(traces), revised=revised, unchanged=unchanged, rows=rows)
@@ -191,9 +197,10 @@ class LabelResult:
 
 def label_traces(judge: Any, traces: Sequence[Trace], *, out_path: str | Path | None = None,
                  principle_id: str | None = None, max_pairs: int = 200, min_margin: float = 0.0,
-                 seed: int = 0) -> LabelResult:
+                 seed: int = 0, progress: Callable[[int, int], None] | None = None) -> LabelResult:
     """RLAIF pairs: responses to the same question compared by ``judge`` under a principle (the given one,
-    else the trace's default). Pairs whose |margin| ≤ ``min_margin`` are left undecided."""
+    else the trace's default). Pairs whose |margin| ≤ ``min_margin`` are left undecided. ``progress(done,
+    total)`` is called after each pair."""
     principles = load_constitution()
     fixed = load_constitution([principle_id])[0] if principle_id else None
     by_q: dict[str, list[Trace]] = defaultdict(list)
@@ -211,7 +218,10 @@ def label_traces(judge: Any, traces: Sequence[Trace], *, out_path: str | Path | 
     pairs: list[PreferencePair] = []
     rows: list[dict[str, Any]] = []
     undecided = agree = with_truth = 0
-    for a, b in candidates[:max_pairs]:
+    todo = candidates[:max_pairs]
+    for i, (a, b) in enumerate(todo):
+        if progress is not None:
+            progress(i, len(todo))
         p = fixed or default_principle(a, principles)
         prompt = trace_prompt_text(a)
         ra, rb = trace_response_text(a), trace_response_text(b)
@@ -230,6 +240,8 @@ def label_traces(judge: Any, traces: Sequence[Trace], *, out_path: str | Path | 
             agree += ok
             row["agrees_with_truth"] = ok
         rows.append(row)
+    if progress is not None:
+        progress(len(todo), len(todo))
     if out_path is not None:
         _write_jsonl(out_path, rows)
     return LabelResult(labelled=len(pairs), undecided=undecided, pairs=pairs,

@@ -59,20 +59,25 @@ def train_sft(
     full: bool = typer.Option(False, "--full", help="Full fine-tuning."),
     prompt_tuning: bool = typer.Option(False, "--prompt-tuning", help="Soft-prompt tuning (peft)."),
     all_traces: bool = typer.Option(False, "--all-traces", help="Keep incorrect/unjudged traces too."),
-    epochs: int = typer.Option(1, "--epochs"),
-    max_steps: int | None = typer.Option(None, "--max-steps"),
-    lr: float | None = typer.Option(None, "--lr"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the training rows."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the method's own, see the config docstring)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per optimiser step."),
     max_length: int = typer.Option(512, "--max-length", help="Longer rows are dropped and counted."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast."),
     grad_norm_penalty: float = typer.Option(
         0.0, "--grad-norm-penalty", metavar="COEF",
         help="Add COEF·‖∇θ loss‖² to the loss (double backprop, Barrett & Dherin 2021); 0 = off; ~2-3× per step."),
-    seed: int = typer.Option(0, "--seed"),
-    budget_minutes: float | None = typer.Option(None, "--budget-minutes"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the run manifest; same seed, same result)."),
+    budget_minutes: float | None = typer.Option(None, "--budget-minutes", help="Stop cleanly after this many minutes (the last checkpoint is kept)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
 ) -> None:
-    """Supervised fine-tuning on traces (loss on the model's own tokens only) or on message rows."""
+    """Supervised fine-tuning on traces (loss on the model's own tokens only) or on message rows.
+
+    Examples:
+      ragloop train sft --traces runs/pal.jsonl --lora --out ckpt/sft
+      ragloop logs -n 0 --traces logged.jsonl && ragloop train sft --traces logged.jsonl --all-traces --out ckpt/sft
+    """
     from ragloop.alignment.data import filter_traces, load_jsonl_rows, traces_to_sft_rows, validate_sft_rows
     from ragloop.alignment.sft import SFTConfig, run_sft, sft_report_line
     from ragloop.core.trace import read_traces
@@ -107,15 +112,20 @@ def train_reward(
     encoder: str | None = typer.Option(None, "--encoder", help="BERT-family encoder dir (default: embedded MiniLM)."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the head only."),
     epochs: int = typer.Option(3, "--epochs", help="Passes over the training pairs (the best epoch on validation is kept)."),
-    lr: float | None = typer.Option(None, "--lr"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    max_length: int = typer.Option(256, "--max-length"),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the method's own, see the config docstring)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Pairs per optimiser step."),
+    max_length: int = typer.Option(256, "--max-length", help="Encoder tokens per prompt+response (longer are cut and counted)."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="The last fraction of rows is held out."),
-    seed: int = typer.Option(0, "--seed"),
-    budget_minutes: float | None = typer.Option(None, "--budget-minutes"),
-    resume: bool = typer.Option(False, "--resume"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the run manifest; same seed, same result)."),
+    budget_minutes: float | None = typer.Option(None, "--budget-minutes", help="Stop cleanly after this many minutes (the last checkpoint is kept)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
 ) -> None:
-    """Train a reward model (encoder + linear head, pairwise loss); prints held-out accuracy and AUC."""
+    """Train a reward model (encoder + linear head, pairwise loss); prints held-out accuracy and AUC.
+
+    Examples:
+      ragloop train reward --pairs pairs.jsonl --out ckpt/rm
+      ragloop train reward --pairs ../shared/data/hh_rlhf/harmless_base_pairs_dev.jsonl --out ckpt/rm-hh --epochs 1
+    """
     from ragloop.alignment.data import load_jsonl_rows, validate_pairs
     from ragloop.alignment.reward import RewardConfig, train_reward_model
 
@@ -135,22 +145,27 @@ def train_reward(
 def train_ppo(
     policy: str = typer.Option(..., "--policy", help=POLICY_HELP),
     prompts: Path = typer.Option(..., "--prompts", help="JSONL: {'prompt': text or messages, 'gold'?: answer}."),
-    out: Path = typer.Option(..., "--out"),
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, metrics, the trained policy/)."),
     reward: Path | None = typer.Option(None, "--reward", help="Reward model directory (train reward --out DIR/model)."),
     check: str = typer.Option("none", "--check", help="Programmatic reward: 'none' or 'numeric' (rows' gold)."),
-    iterations: int = typer.Option(20, "--iterations"),
-    batch_prompts: int = typer.Option(8, "--batch-prompts"),
+    iterations: int = typer.Option(20, "--iterations", help="PPO iterations (rollout + update each)."),
+    batch_prompts: int = typer.Option(8, "--batch-prompts", help="Prompts per iteration."),
     samples: int = typer.Option(2, "--samples", help="Completions per prompt."),
-    max_new_tokens: int = typer.Option(128, "--max-tokens"),
-    lr: float = typer.Option(1e-4, "--lr"),
-    kl_coef: float = typer.Option(0.05, "--kl-coef"),
-    adaptive_kl: bool = typer.Option(False, "--adaptive-kl"),
+    max_new_tokens: int = typer.Option(128, "--max-tokens", help="Tokens per sampled completion."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate of the policy (LoRA) and value head."),
+    kl_coef: float = typer.Option(0.05, "--kl-coef", help="Weight of the KL penalty to the starting policy."),
+    adaptive_kl: bool = typer.Option(False, "--adaptive-kl", help="Adapt --kl-coef toward a target KL (Ziegler et al. 2019)."),
     full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of a LoRA policy."),
-    seed: int = typer.Option(0, "--seed"),
-    budget_minutes: float | None = typer.Option(None, "--budget-minutes"),
-    resume: bool = typer.Option(False, "--resume"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the run manifest; same seed, same result)."),
+    budget_minutes: float | None = typer.Option(None, "--budget-minutes", help="Stop cleanly after this many minutes (the last checkpoint is kept)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
 ) -> None:
-    """PPO against a reward model and/or a programmatic check, with a KL penalty to the starting policy."""
+    """PPO against a reward model and/or a programmatic check, with a KL penalty to the starting policy.
+
+    Examples:
+      ragloop train ppo --policy ckpt/sft/policy --reward ckpt/rm/model --prompts prompts.jsonl --out ckpt/ppo
+      ragloop train ppo --policy default --check numeric --prompts gsm8k_prompts.jsonl --out ckpt/ppo --iterations 5
+    """
     from ragloop.alignment.data import load_jsonl_rows
     from ragloop.alignment.ppo import PPOConfig, PPOItem, make_reward_fn, run_ppo
     from ragloop.alignment.reward import load_reward_model
@@ -191,9 +206,15 @@ def cai_revise(
     out: Path = typer.Option(..., "--out", help="SFT rows (JSONL) with the revised responses."),
     policy: str | None = typer.Option(None, "--policy", help="Critic/reviser model. " + POLICY_HELP),
     principles: str | None = typer.Option(None, "--principles", help="Comma-separated principle ids (default: all)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the run manifest; same seed, same result)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no library output."),
 ) -> None:
-    """Critique each trace's response under the constitution and revise it; writes SFT rows."""
+    """Critique each trace's response under the constitution and revise it; writes SFT rows.
+
+    Examples:
+      ragloop cai revise --traces runs/react.jsonl --out revised.jsonl
+      ragloop cai revise --traces runs/pal.jsonl --out revised.jsonl --principles evidence,honest
+    """
     from ragloop.alignment.cai import load_constitution, revise_traces
     from ragloop.core.trace import read_traces
     from ragloop.models.loading import load_policy
@@ -201,7 +222,13 @@ def cai_revise(
     ts = read_traces(_existing(traces, "trace file"))
     ids = [p.strip() for p in principles.split(",")] if principles else None
     cons = load_constitution(ids)
-    res = revise_traces(load_policy(policy), ts, cons, out_path=out, seed=seed)
+    from ragloop.cli.progress import progress_bar, quiet_libraries
+
+    if quiet:
+        quiet_libraries()
+    pol = load_policy(policy)
+    with progress_bar("critique + revise", quiet=quiet, total=len(ts)) as update:
+        res = revise_traces(pol, ts, cons, out_path=out, seed=seed, progress=lambda d, n: update(d, n))
     typer.echo(f"revised {res.revised} of {res.read} traces ({res.unchanged} unchanged) → {out}")
 
 
@@ -211,18 +238,42 @@ def rlaif_label(
     out: Path = typer.Option(..., "--out", help="Preference pairs (JSONL)."),
     judge: str | None = typer.Option(None, "--judge", help="Judge model (default: the embedded policy). " + POLICY_HELP),
     principle: str | None = typer.Option(None, "--principle", help="Principle id (default: the task's)."),
-    max_pairs: int = typer.Option(200, "--max-pairs"),
-    seed: int = typer.Option(0, "--seed"),
+    max_pairs: int = typer.Option(200, "--max-pairs", help="Judge at most this many pairs (shuffled by --seed)."),
+    min_margin: float = typer.Option(0.1, "--min-margin",
+                                     help="Pairs whose judge margin |log p(A) - log p(B)|, averaged over both "
+                                          "orders, is at most this (nats) are undecided, not labelled. 0 = none."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the run manifest; same seed, same result)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no library output."),
 ) -> None:
-    """Ask a judge model which of two responses is better under a principle; writes pairs and agreement."""
+    """Ask a judge model which of two responses is better under a principle; writes pairs and agreement.
+
+    Agreement with ground truth is printed when the traces carry it (feedback.correct, e.g. from eval).
+
+    Examples:
+      ragloop rlaif label --traces runs/a.jsonl --out pairs.jsonl
+      ragloop rlaif label --traces runs/a.jsonl --out pairs.jsonl --min-margin 0.5 --judge ckpt/sft/policy
+    """
     from ragloop.alignment.cai import label_traces
     from ragloop.core.trace import read_traces
     from ragloop.models.loading import load_policy
 
     ts = read_traces(_existing(traces, "trace file"))
-    res = label_traces(load_policy(judge), ts, out_path=out, principle_id=principle, max_pairs=max_pairs, seed=seed)
-    agree = f", agreement with ground truth {res.agreement:.3f} on {res.n_with_truth}" if res.n_with_truth else ""
-    typer.echo(f"labelled {res.labelled} pairs ({res.undecided} undecided){agree} → {out}")
+    from ragloop.cli.progress import progress_bar, quiet_libraries
+
+    if min_margin < 0:
+        raise UsageError(f"--min-margin must be >= 0, got {min_margin}")
+    if quiet:
+        quiet_libraries()
+    pol = load_policy(judge)
+    with progress_bar("judging pairs", quiet=quiet) as update:
+        res = label_traces(pol, ts, out_path=out, principle_id=principle, max_pairs=max_pairs, seed=seed,
+                           min_margin=min_margin, progress=lambda d, n: update(d, n))
+    if res.n_with_truth:
+        agree = (f"; agreement with ground truth {res.agreement:.3f} ({round(res.agreement * res.n_with_truth)}/"
+                 f"{res.n_with_truth} decided pairs with one correct and one wrong response)")
+    else:
+        agree = "; agreement with ground truth not measured (no pair has one correct and one wrong response)"
+    typer.echo(f"labelled {res.labelled} pairs, {res.undecided} undecided (|margin| <= {min_margin}){agree} → {out}")
 
 
 # --------------------------------------------------------------------------------------------- improve
@@ -241,16 +292,21 @@ def improve(
                                            "150) or of scifact/claims_train.csv (default 100)."),
     index: str = typer.Option("scifact", "--index", help="scifact-react: index of the SciFact corpus (name or path)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="The shared data folder (default ../shared/data)."),
-    no_ppo: bool = typer.Option(False, "--no-ppo"),
-    no_rm: bool = typer.Option(False, "--no-rm"),
+    no_ppo: bool = typer.Option(False, "--no-ppo", help="Skip the PPO stage (SFT only)."),
+    no_rm: bool = typer.Option(False, "--no-rm", help="Skip the reward model (PPO then uses the programmatic check)."),
     lora: bool = typer.Option(False, "--lora", help="LoRA SFT instead of full fine-tuning."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the run manifest; same seed, same result)."),
     evaluate_only: str | None = typer.Option(None, "--evaluate-only", metavar="TAG",
                                              help="gsm8k-pal: only run the loop's held-out evaluation of --policy "
                                                   "(e.g. a run's checkpoint); writes OUT/eval-TAG.json."),
 ) -> None:
     """The whole loop: baseline eval → collect → filter/critique → SFT → reward model → PPO → eval again.
-    With --task scifact-react: baseline ReAct eval → teacher traces → SFT → eval again."""
+    With --task scifact-react: baseline ReAct eval → teacher traces → SFT → eval again.
+
+    Examples:
+      ragloop improve --task gsm8k-pal --budget-minutes 60 --out runs/improve-1
+      ragloop improve --task scifact-react --index scifact --budget-minutes 35 --out runs/improve-sf
+    """
     from ragloop.alignment.improve import ImproveConfig, evaluate_slice, run_improve
 
     cfg = ImproveConfig(out_dir=str(out), task=task, budget_minutes=budget_minutes, budget_clock=budget_clock,
