@@ -91,6 +91,10 @@ def ask_cmd(
     from ragloop.agents.repl import EventPrinter, answer_notes, safe_text
     from ragloop.core.trace import write_traces
 
+    if quiet or as_json:
+        from ragloop.cli.progress import quiet_libraries
+
+        quiet_libraries()
     if question == "-":
         question = sys.stdin.read()
     if not question.strip():
@@ -184,6 +188,12 @@ def _print_report(report: Any, as_json: bool) -> None:
     if d.get("by_gold"):
         parts = [f"{g}: {v['correct']}/{v['n']}" for g, v in sorted(d["by_gold"].items())]
         typer.echo("by gold label: " + ", ".join(parts) + " · predicted: " + json.dumps(d["predictions"]))
+    g = d.get("groundedness")
+    if g and g.get("measured"):
+        typer.echo(f"groundedness {g['grounded']:.3f} of {g['measured']} answers (K-Precision >= {g['threshold']} "
+                   f"against the passages cited or retrieved; mean {g['k_precision']:.3f}; citing {g['cited']:.3f})")
+    elif g is not None:
+        typer.echo("groundedness: no answer could be measured (no retrieval, or only fallback answers)")
     if d.get("traces"):
         typer.echo(f"traces: {d['traces']}")
     if as_json:
@@ -225,7 +235,16 @@ def eval_gsm8k_cmd(
     as_json: bool = typer.Option(False, "--json", help="Last line: one JSON object of the figures."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-question progress on stderr."),
 ) -> None:
-    """GSM8K accuracy of PAL, CoT or ReAct (greedy, fixed seed); writes the traces."""
+    """GSM8K accuracy of PAL, CoT or ReAct (greedy, fixed seed); writes the traces.
+
+    Examples:
+      ragloop eval gsm8k --agent pal --limit 100
+      ragloop eval gsm8k --agent cot --self-consistency 5 --limit 20 --json
+    """
+    if quiet:
+        from ragloop.cli.progress import quiet_libraries
+
+        quiet_libraries()
     from ragloop.eval.runners import RunConfig, run_benchmark
 
     cfg = RunConfig(task="gsm8k", agent=agent, data=data or _shared("gsm8k", "test_dev300.jsonl"),  # type: ignore[arg-type]
@@ -239,7 +258,8 @@ def eval_gsm8k_cmd(
 
 @eval_app.command("claims")
 def eval_claims_cmd(
-    agent: str = typer.Option("react", "--agent", "-a", help="react (search + lookup) or cot (no retrieval)."),
+    agent: str = typer.Option("react", "--agent", "-a", help="react (search + lookup), rag (retrieve once, "
+                              "verdict + cited evidence) or cot (no retrieval)."),
     index: str = typer.Option("scifact", "--index", "-i", help="Index of the SciFact corpus (path or name)."),
     corpus: str | None = typer.Option(None, "--corpus", help="Build the index from this BEIR corpus.jsonl if missing."),
     data: str | None = typer.Option(None, "--data", help="Claims CSV (default: shared claims_train.csv)."),
@@ -257,15 +277,25 @@ def eval_claims_cmd(
     as_json: bool = typer.Option(False, "--json", help="Last line: one JSON object of the figures."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-claim progress on stderr."),
 ) -> None:
-    """SciFact claim verification (SUPPORTS / REFUTES / NOT ENOUGH INFO) with ReAct over a local index."""
+    """SciFact claim verification (SUPPORTS / REFUTES / NOT ENOUGH INFO) over a local index; with rag or react
+    it also reports groundedness (answers whose content is in the passages they cite or retrieved).
+
+    Examples:
+      ragloop eval claims --agent rag --limit 50
+      ragloop eval claims --agent react --index scifact --corpus ../shared/data/scifact/corpus.jsonl --limit 20
+    """
     from ragloop.eval.runners import RunConfig, ensure_scifact_index, run_benchmark
 
-    if agent not in ("react", "cot"):
-        raise UsageError(f"claims are verified by react or cot, not {agent!r}")
+    if agent not in ("react", "rag", "cot"):
+        raise UsageError(f"claims are verified by rag, react or cot, not {agent!r}")
+    if quiet:
+        from ragloop.cli.progress import quiet_libraries
+
+        quiet_libraries()
     if corpus is not None and not Path(corpus).is_file():
         raise DataError(f"corpus file not found: {corpus}", hint="e.g. --corpus ../shared/data/scifact/corpus.jsonl")
     retriever = None
-    if agent == "react":
+    if agent in ("react", "rag"):
         retriever = ensure_scifact_index(index, corpus, progress=lambda m: typer.echo(m, err=True))
     cfg = RunConfig(task="claims", agent=agent, data=data or _shared("scifact", "claims_train.csv"),  # type: ignore[arg-type]
                     limit=limit, offset=offset, seed=seed, out=out or _default_out("claims", agent, seed), shots=shots,

@@ -161,8 +161,14 @@ def iter_traces(path: str | Path) -> Iterator[Trace]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"trace file not found: {path}", hint="write traces with `ragloop ask ... --save FILE`")
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); is it a trace "
+                                "file?", hint="traces are JSONL written by `ragloop ask ... --save FILE` or eval "
+                                "--out") from None
             if not line.strip():
                 continue
             try:

@@ -16,6 +16,7 @@ fallback rate, seconds per question, the slice, seed and model.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import time
@@ -56,6 +57,14 @@ def _check_slice(limit: int | None, offset: int) -> None:
         raise UsageError(f"--offset must be >= 0, got {offset}")
 
 
+def _decode_line(raw: bytes, path: Path, lineno: int, expected: str) -> str:
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)",
+                        hint=f"--data must be {expected}") from None
+
+
 def load_gsm8k(path: str | Path, *, limit: int | None = None, offset: int = 0) -> list[Example]:
     """GSM8K rows ``offset .. offset+limit`` of a JSONL file; a bad row is a DataError naming its line."""
     _check_slice(limit, offset)
@@ -63,8 +72,9 @@ def load_gsm8k(path: str | Path, *, limit: int | None = None, offset: int = 0) -
     if not p.is_file():
         raise DataError(f"GSM8K data file not found: {p}", hint="pass --data path/to/test_dev300.jsonl")
     out: list[Example] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_line(raw, p, lineno, "a GSM8K JSONL file (test_dev300.jsonl)")
             if not line.strip():
                 continue
             try:
@@ -90,7 +100,12 @@ def load_claims(path: str | Path, *, limit: int | None = None, offset: int = 0) 
     if not p.is_file():
         raise DataError(f"claims file not found: {p}", hint="pass --data path/to/claims_train.csv")
     seen: dict[str, Example] = {}
-    with p.open(encoding="utf-8", newline="") as f:
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.start + 1})",
+                        hint="--data must be the SciFact claims CSV (claims_train.csv)") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         need = {"id", "claim", "evidence_label"}
         if not reader.fieldnames or not need <= set(reader.fieldnames):

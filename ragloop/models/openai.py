@@ -115,10 +115,20 @@ class OpenAIPolicy:
 
     # -- training refuses -------------------------------------------------------------------------------
 
+    def _no_weights(self) -> UsageError:
+        return UsageError(f"{self.name} is a remote server: training needs local weights",
+                          hint="train a local model (--policy default, an HF directory or a checkpoint), then serve it")
+
     @property
     def model(self) -> Any:
-        raise UsageError(f"{self.name} is a remote server: training needs local weights",
-                         hint="train a local model (--policy default, an HF directory or a checkpoint), then serve it")
+        raise self._no_weights()
+
+    @property
+    def tokenizer(self) -> Any:
+        raise self._no_weights()
+
+    def logprobs_of(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._no_weights()
 
     # -- errors -----------------------------------------------------------------------------------------
 

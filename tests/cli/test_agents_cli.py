@@ -55,7 +55,7 @@ def test_ask_cot_self_consistency_quiet(tmp_path, capsys, ragloop_home):
      (["ask", "q", "--agent", "react", "--index", "no-such-index"], "no-such-index"),
      (["eval", "gsm8k", "--data", "/nonexistent.jsonl"], "not found"),
      (["eval", "gsm8k", "--agent", "magic"], "unknown agent"),
-     (["eval", "claims", "--agent", "pal"], "claims are verified by react or cot"),
+     (["eval", "claims", "--agent", "pal"], "claims are verified by rag, react or cot"),
      (["eval", "claims", "--corpus", "/nonexistent/corpus.jsonl"], "corpus file not found"),
      (["chat", "--timeout", "0"], "--timeout must be in")],
 )

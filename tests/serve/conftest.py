@@ -15,15 +15,24 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
+def fill_schema(schema: dict):
+    """A value matching a simple JSON schema (what a grammar-constrained decoder could emit): a tool call's
+    ``{"name": const, "arguments": ...}``, strings "4" (city: "Paris"), numbers 4."""
+    if "anyOf" in schema:
+        return fill_schema(schema["anyOf"][0])
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: ("Paris" if k == "city" else fill_schema(v)) for k, v in schema.get("properties", {}).items()}
+    return {"string": "4", "integer": 4, "number": 4, "boolean": True, "array": []}.get(kind, "4")
+
+
 def scripted_responder(text: str, cfg) -> str:
     """A fake model that obeys its grammar the way a constrained decoder would: a required call to
     get_weather gets a call, a JSON schema gets an object, anything else a sentence."""
     if cfg.grammar is not None:
-        schema = json.loads(cfg.grammar.source)
-        if cfg.grammar.name == "json:get_weather":
-            return '{"name": "get_weather", "arguments": {"city": "Paris"}}'
-        props = schema.get("properties", {})
-        return json.dumps({k: ("4" if v.get("type") == "string" else 4) for k, v in props.items()})
+        return json.dumps(fill_schema(json.loads(cfg.grammar.source)))
     if "You can call these tools" in text and "weather" in text.split("<|im_start|>user")[-1]:
         return '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
     return "Hello there, friend."
