@@ -105,8 +105,13 @@ def generate_cmd(
     """Generate text with the local policy model."""
     from ragloop.models.types import GenerationConfig
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    from ragloop.cli.text import read_stdin_text, require_utf8
+
+    prompt = read_stdin_text("the prompt") if prompt == "-" else require_utf8(prompt, "the prompt")
+    if system is not None:
+        require_utf8(system, "--system")
+    for s in stop or []:
+        require_utf8(s, "--stop")
     if not prompt.strip():
         raise UsageError("the prompt is empty", hint='give some text, e.g. ragloop generate "Hello"')
     if raw and system:
@@ -181,6 +186,9 @@ def tokens_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show token ids, pieces and whether detokenizing gives the text back."""
+    from ragloop.cli.text import require_utf8
+
+    require_utf8(text, "the text")
     if not text:
         raise UsageError("the text is empty", hint='give some text, e.g. ragloop tokens "Hello"')
     from ragloop.models.tokenizer import load_tokenizer, round_trip

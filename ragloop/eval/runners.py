@@ -10,7 +10,9 @@ local index of the SciFact corpus).
 Each run is deterministic (greedy decoding, a fixed seed recorded in every Trace), writes one Trace per
 example (JSONL, appended as it goes, so a long run can be watched), and returns an ``EvalReport``:
 accuracy with a 95% Wilson interval, format validity (strict = without parser repairs), tool success,
-fallback rate, seconds per question, the slice, seed and model.
+fallback rate, seconds per question, the slice, seed and model — and, for claims answered from the index
+(``rag``, ``react``), groundedness: the share of answers whose content words are in the passages they cite
+or retrieved (K-Precision, ``ragloop.eval.groundedness``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Literal
 
 from ragloop.core.errors import DataError, UsageError
 from ragloop.core.trace import Trace, write_traces
+from ragloop.eval.groundedness import summarize_groundedness
 from ragloop.eval.metrics import extract_number, numeric_match
 from ragloop.eval.stats import wilson_ci
 
@@ -198,6 +201,7 @@ class EvalReport:
     by_gold: dict[str, dict[str, int]] = field(default_factory=dict)
     predictions: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    groundedness: dict[str, Any] | None = None  # retrieval tasks only (see ragloop.eval.groundedness)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -239,6 +243,7 @@ def summarize(traces: Sequence[Trace], *, task: str, agent: str, model: str, dat
         tokens_out_per_question=sum(t.tokens_out for t in traces) / div,
         traces=out, by_gold=by_gold if task == "claims" else {}, predictions=dict(preds),
         settings=dict(settings or {}),
+        groundedness=summarize_groundedness(traces) if task == "claims" and agent in ("rag", "react") else None,
     )
 
 
@@ -274,7 +279,7 @@ class RunConfig:
     """A benchmark run: which task, data slice, agent settings and where the traces go."""
 
     task: Literal["gsm8k", "claims"]
-    agent: Literal["pal", "cot", "react"]
+    agent: Literal["pal", "cot", "react", "rag"]
     data: str
     limit: int | None = None
     offset: int = 0
@@ -306,7 +311,7 @@ def run_benchmark(
         family = "math"
     elif cfg.task == "claims":
         if cfg.agent == "pal":
-            raise UsageError("PAL answers math questions; use --agent react (or cot) for claims")
+            raise UsageError("PAL answers math questions; use --agent rag, react or cot for claims")
         examples = load_claims(cfg.data, limit=cfg.limit, offset=cfg.offset)
         family = "claims"
     else:
