@@ -102,7 +102,12 @@ def generate_cmd(
     precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION",
                                   help="Fast decode path weights: fp32 (exact), bf16, int8 or int4 (faster)."),
 ) -> None:
-    """Generate text with the local policy model."""
+    """Generate text with the local policy model.
+
+    Examples:
+      ragloop generate "Explain top-p sampling in one sentence." --temperature 0.7 --top-p 0.9 --stream
+      ragloop generate "2+2=" --greedy --max-tokens 8 --show-logprobs
+    """
     from ragloop.models.types import GenerationConfig
 
     from ragloop.cli.text import read_stdin_text, require_utf8
@@ -170,7 +175,10 @@ def _print_logprobs(console: Any, pol: Any, gens: list[Any]) -> None:
     from rich.table import Table
 
     for i, g in enumerate(gens):
-        table = Table(title=f"candidate {i + 1}: {g.finish_reason}" if len(gens) > 1 else g.finish_reason)
+        stopped = {"length": "stopped at --max-tokens", "stop": "stopped at a stop sequence or end of text"}.get(
+            g.finish_reason, f"stopped: {g.finish_reason}")
+        head = f"candidate {i + 1}: " if len(gens) > 1 else ""
+        table = Table(title=f"{head}per-token log-probabilities ({len(g.token_ids)} tokens, {stopped})")
         for col in ("#", "token", "id", "logprob", "prob"):
             table.add_column(col, justify="right" if col != "token" else "left")
         for k, (tid, lp) in enumerate(zip(g.token_ids, g.logprobs or [], strict=False)):
@@ -185,7 +193,11 @@ def tokens_cmd(
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Show token ids, pieces and whether detokenizing gives the text back."""
+    """Show token ids, pieces and whether detokenizing gives the text back.
+
+    Example:
+      ragloop tokens "De-tokenization is lossless, isn't it?"
+    """
     from ragloop.cli.text import require_utf8
 
     require_utf8(text, "the text")
@@ -218,7 +230,11 @@ def tokens_cmd(
 
 
 def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """List the installed models: the embedded default and the converted cache."""
+    """List the installed models: the embedded default and the converted cache.
+
+    Example:
+      ragloop models --json
+    """
     from ragloop.core.config import cache_dir
     from ragloop.core.errors import ModelNotFoundError
     from ragloop.models.loading import (
@@ -266,7 +282,12 @@ def plan_cmd(
     gpu_memory: float | None = typer.Option(None, "--gpu-memory", help="Memory of one GPU in GB (GiB)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Parameters, training memory by precision, sharding need, and the Chinchilla token budget."""
+    """Parameters, training memory by precision, sharding need, and the Chinchilla token budget.
+
+    Examples:
+      ragloop plan 7B --gpu-memory 24
+      ragloop plan default --json
+    """
     from ragloop.models.plan import human_count, plan
 
     out = plan(model_or_size, gpu_memory)

@@ -235,7 +235,12 @@ def search_cmd(
     embedder: str | None = typer.Option(None, "--embedder", help=EMBEDDER_HELP),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per hit: rank, score, chunk_id, source, text, ..."),
 ) -> None:
-    """Search an index; prints the best chunks with their source and score."""
+    """Search an index; prints the best chunks with their source and score.
+
+    Examples:
+      ragloop search "how does nucleus sampling work?" --index mydocs -k 5
+      ragloop search "BM25 saturation" --index mydocs --mode bm25 --json
+    """
     from ragloop.retrieval.retriever import SEARCH_MODES, Retriever
 
     if mode not in SEARCH_MODES:

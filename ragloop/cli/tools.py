@@ -95,7 +95,12 @@ def sandbox_cmd(
         512, "--memory-mb", help="Address-space limit of the sandbox process, MiB."
     ),
 ) -> None:
-    """Run a Python program in the PAL sandbox (separate process, rlimits, AST allow-list)."""
+    """Run a Python program in the PAL sandbox (separate process, rlimits, AST allow-list).
+
+    Examples:
+      ragloop sandbox prog.py --json
+      echo 'def solution(): return 6 * 7' | ragloop sandbox - --timeout 2
+    """
     from ragloop.agents.sandbox import Sandbox, SandboxLimits
     from ragloop.agents.sandbox.host import SandboxResult
 
@@ -150,7 +155,12 @@ def score_cmd(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per example, then the aggregate."),
     stem: bool = typer.Option(False, "--stem", help="ROUGE: Porter-stem tokens (rouge-score's use_stemmer)."),
 ) -> None:
-    """Score predictions against references: one line per example, then the aggregate."""
+    """Score predictions against references: one line per example, then the aggregate.
+
+    Examples:
+      ragloop score --metric rouge --pred outputs.txt --ref references.txt
+      ragloop score --metric bleu --pred out.txt --ref ref1.txt --ref ref2.txt --json
+    """
     from ragloop.eval.metrics import SCORE_METRICS, score_texts
 
     if metric not in SCORE_METRICS:
