@@ -9,7 +9,6 @@ Thin commands: parse options, build an ``AgentSpec`` / ``RunConfig``, call one l
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +94,9 @@ def ask_cmd(
         from ragloop.cli.progress import quiet_libraries
 
         quiet_libraries()
-    if question == "-":
-        question = sys.stdin.read()
+    from ragloop.cli.text import read_stdin_text, require_utf8
+
+    question = read_stdin_text("the question") if question == "-" else require_utf8(question, "the question")
     if not question.strip():
         raise UsageError("the question is empty", hint='e.g. ragloop ask "What is 3 * 7?" --agent pal')
     if agent is None:

@@ -108,9 +108,8 @@ def generate_cmd(
       ragloop generate "Explain top-p sampling in one sentence." --temperature 0.7 --top-p 0.9 --stream
       ragloop generate "2+2=" --greedy --max-tokens 8 --show-logprobs
     """
-    from ragloop.models.types import GenerationConfig
-
     from ragloop.cli.text import read_stdin_text, require_utf8
+    from ragloop.models.types import GenerationConfig
 
     prompt = read_stdin_text("the prompt") if prompt == "-" else require_utf8(prompt, "the prompt")
     if system is not None:

@@ -241,8 +241,10 @@ def search_cmd(
       ragloop search "how does nucleus sampling work?" --index mydocs -k 5
       ragloop search "BM25 saturation" --index mydocs --mode bm25 --json
     """
+    from ragloop.cli.text import require_utf8
     from ragloop.retrieval.retriever import SEARCH_MODES, Retriever
 
+    require_utf8(query, "the query")
     if mode not in SEARCH_MODES:
         raise UsageError(f"unknown --mode {mode!r}", hint=f"use one of {', '.join(SEARCH_MODES)}")
     if k < 1:
