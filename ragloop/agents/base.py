@@ -2,9 +2,10 @@
 
 - ``AgentEvent``: what an agent reports while it runs (tokens, thoughts, actions, observations, code,
   answers) to an optional ``on_event`` callback — the REPL draws its live view from these.
-- ``AgentBase``: holds the policy and the callback; ``_generate`` calls the policy (streaming pieces when
-  someone listens and one candidate is asked for) and counts tokens; ``_new_trace``/``_close_trace``
-  stamp the policy id, decoding settings, seed and timing on the Trace.
+- ``AgentBase``: holds the policy and the callback. An agent writes its loop once, as ``episode(question)``
+  (a generator of ``ModelCall``s, see ``ragloop.agents.runtime``); ``run(question)`` drives that one
+  episode (streaming tokens when someone listens), and the runners drive many together;
+  ``_new_trace``/``_close_trace`` stamp the policy id, decoding settings, seed and timing on the Trace.
 - ``canonical_answer`` / ``majority_vote``: the vote of self-consistency (Wang et al. 2023,
   "Self-Consistency Improves Chain of Thought Reasoning in Language Models") over normalised answers.
 """
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ragloop.agents.calculator import format_number
+from ragloop.agents.runtime import Episode, EpisodeGen, run_episode
 from ragloop.core.trace import Message, Trace
-from ragloop.models.types import Generation, GenerationConfig, Policy, Prompt
+from ragloop.models.types import GenerationConfig, Policy, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +65,18 @@ class AgentBase:
         if self.on_event is not None:
             self.on_event(AgentEvent(kind, text, step, data or None))
 
-    def _generate(self, prompt: Prompt, cfg: GenerationConfig, *, step: int = 0) -> list[Generation]:
-        """``cfg.n`` candidates; streams (emitting ``token`` events) when listened to and ``n == 1``."""
-        if self.on_event is None or cfg.n != 1:
-            return self.policy.generate(prompt, cfg)
-        pieces: list[str] = []
-        for piece in self.policy.stream(prompt, cfg):
-            pieces.append(piece)
-            self._emit("token", piece, step)
-        text = "".join(pieces)
-        ids = self.policy.tokenize(text) if text else []
-        reason = "length" if len(ids) >= cfg.max_new_tokens else "stop"
-        return [Generation(text=text, token_ids=ids, finish_reason=reason,
-                           prompt_tokens=self.policy.count_tokens(prompt))]
+    def episode(self, question: str, **kwargs: Any) -> EpisodeGen:
+        """The agent's loop as an episode (``ragloop.agents.runtime``): yields ``ModelCall``s, returns a Trace."""
+        raise NotImplementedError(f"{type(self).__name__} has no episode()")
+
+    def run(self, question: str, **kwargs: Any) -> Trace:
+        """Answer one question: the runtime with one episode. Tokens stream to ``on_event`` when set; the
+        Trace records every model call's token ids and log-probs (``trace.calls``)."""
+        on_token = None
+        if self.on_event is not None:
+            def on_token(piece: str, step: int) -> None:
+                self._emit("token", piece, step)
+        return run_episode(Episode(self.episode(question, **kwargs)), self.policy, on_token=on_token)
 
     def _new_trace(self, question: str, cfg: GenerationConfig, *, task: str | None = None,
                    meta: dict[str, Any] | None = None) -> Trace:
@@ -84,7 +85,7 @@ class AgentBase:
             task=task,
             question=question,
             policy=getattr(self.policy, "name", type(self.policy).__name__),
-            decoding=cfg.to_dict(),
+            decoding=decoding_settings(self.policy, cfg),
             seed=cfg.seed,
             meta=dict(meta or {}),
         )
@@ -95,6 +96,16 @@ class AgentBase:
         trace.tokens_in = sum(s.tokens_in for s in trace.steps)
         trace.tokens_out = sum(s.tokens_out for s in trace.steps)
         return trace
+
+
+def decoding_settings(policy: Any, cfg: GenerationConfig) -> dict[str, Any]:
+    """What a Trace records as its decoding settings: the GenerationConfig plus the policy's decode weights
+    (``precision``, resolved: "auto" is recorded as what it became, e.g. "int4") where the policy has them."""
+    out = cfg.to_dict()
+    precision = getattr(policy, "precision", None)
+    if isinstance(precision, str):
+        out["precision"] = precision
+    return out
 
 
 def with_changes(cfg: GenerationConfig, **changes: Any) -> GenerationConfig:

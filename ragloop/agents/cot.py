@@ -28,8 +28,9 @@ from ragloop.agents.base import (
     with_changes,
 )
 from ragloop.agents.prompts import Exemplar, fit_exemplars, load_cot_exemplars, select_exemplars
+from ragloop.agents.runtime import EpisodeGen, ModelCall
 from ragloop.core.errors import UsageError
-from ragloop.core.trace import Message, Step, Trace
+from ragloop.core.trace import Message, Step
 from ragloop.models.types import GenerationConfig, Policy, Prompt
 
 ZERO_SHOT_TRIGGER = "Let's think step by step."
@@ -152,7 +153,7 @@ class CoTAgent(AgentBase):
         base = c.decoding or greedy_config(c.max_new_tokens, c.seed)
         return with_changes(base, n=1, stop=list(dict.fromkeys([*base.stop, *c.format.stop])))
 
-    def run(self, question: str, *, task: str | None = None) -> Trace:
+    def episode(self, question: str, *, task: str | None = None) -> EpisodeGen:
         if not question or not question.strip():
             raise UsageError("the question is empty")
         c = self.config
@@ -170,7 +171,7 @@ class CoTAgent(AgentBase):
         })
         trace.messages = messages_of(prompt)
         self._emit("start", question, agent=self.kind)
-        gens = self._generate(prompt, cfg, step=1)
+        gens = (yield ModelCall(prompt, cfg, step=1))
         answers: list[str | None] = []
         strict = []
         n_in = self.policy.count_tokens(prompt)

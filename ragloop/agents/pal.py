@@ -28,9 +28,10 @@ from ragloop.agents.base import (
 )
 from ragloop.agents.calculator import format_number
 from ragloop.agents.prompts import Exemplar, data_path, fit_exemplars, load_pal_exemplars, select_exemplars
+from ragloop.agents.runtime import EpisodeGen, ModelCall
 from ragloop.agents.safety import injection_flags, wrap_observation
 from ragloop.core.errors import UsageError
-from ragloop.core.trace import Message, Step, Trace
+from ragloop.core.trace import Message, Step
 from ragloop.models.types import GenerationConfig, Policy, Prompt
 
 CHAT_SYSTEM_FALLBACK = "You will write python program to solve math problems. You will only write code blocks."
@@ -197,7 +198,7 @@ class PALAgent(AgentBase):
         return with_changes(base, n=1, stop=list(dict.fromkeys([*base.stop, *stops])))
 
     # ------------------------------------------------------------------------------------- run
-    def run(self, question: str, *, context: str | None = None, task: str | None = None) -> Trace:
+    def episode(self, question: str, *, context: str | None = None, task: str | None = None) -> EpisodeGen:
         """Solve ``question``; ``context`` (e.g. retrieved text) is shown as data, never as instructions."""
         if not question or not question.strip():
             raise UsageError("the question is empty")
@@ -223,7 +224,7 @@ class PALAgent(AgentBase):
             trace.injection_flags = injection_flags(context)
         trace.messages = messages_of(prompt)
         self._emit("start", question, agent=self.kind, prefill=prefill)
-        gens = self._generate(gen_prompt, cfg, step=1)
+        gens = (yield ModelCall(gen_prompt, cfg, step=1))
         n_in = self.policy.count_tokens(gen_prompt)
         answers: list[str | None] = []
         for i, g in enumerate(gens, 1):

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from ragloop.agents.base import AgentBase, EventHandler, messages_of
 from ragloop.agents.docsearch import split_sentences
+from ragloop.agents.runtime import EpisodeGen, ModelCall
 from ragloop.core.errors import UsageError
 from ragloop.core.trace import Message, Source, Step, ToolCall, Trace
 from ragloop.models.types import GenerationConfig, Policy
@@ -206,7 +207,7 @@ class RAGAgent(AgentBase):
         return [{"role": "system", "content": CLAIMS_SYSTEM if claims else QA_SYSTEM},
                 {"role": "user", "content": f"Passages:\n{self._passages(sources)}\n\n{ask}"}]
 
-    def run(self, question: str, *, task: str | None = None) -> Trace:
+    def episode(self, question: str, *, task: str | None = None) -> EpisodeGen:
         if not question or not question.strip():
             raise UsageError("the question is empty")
         c = self.config
@@ -234,7 +235,7 @@ class RAGAgent(AgentBase):
         prompt = self.build_prompt(question, trace.sources)
         trace.messages = messages_of(prompt)  # type: ignore[arg-type]
         ts = time.perf_counter()
-        gen = self._generate(prompt, cfg, step=2)[0]
+        gen = (yield ModelCall(prompt, cfg, step=2))[0]
         text = gen.text.strip()
         step = Step(index=2, thought=text, raw_output=gen.text, tokens_in=self.policy.count_tokens(prompt),
                     tokens_out=gen.num_tokens, seconds=round(time.perf_counter() - ts, 4))

@@ -88,6 +88,22 @@ class Source(BaseModel):
     text: str = ""  # the passage as retrieved (what groundedness is measured against)
 
 
+class ModelCallRecord(BaseModel):
+    """The tokens of one model call of an episode (``ragloop.agents.runtime``): what RL trains on.
+
+    ``prompt_ids`` are the ids the model was fed; each completion holds its generated ``token_ids`` and their
+    ``logprobs`` under the distribution they were sampled from (temperature and grammar mask applied).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = 0
+    prompt_ids: list[int] = Field(default_factory=list)
+    completions: list[dict[str, Any]] = Field(default_factory=list)
+    temperature: float = 0.0
+    grammar: str | None = None
+
+
 class Feedback(BaseModel):
     """Signals attached after the run: rewards, critiques, AI labels, correctness."""
 
@@ -124,6 +140,7 @@ class Trace(BaseModel):
     tokens_out: int = 0
     injection_flags: list[str] = Field(default_factory=list)  # heuristics tripped by context text
     sources: list[Source] = Field(default_factory=list)  # passages retrieved, numbered as cited (schema 1 adds)
+    calls: list[ModelCallRecord] = Field(default_factory=list)  # per model call: token ids and log-probs
     feedback: Feedback = Field(default_factory=Feedback)
     meta: dict[str, Any] = Field(default_factory=dict)
 

@@ -134,7 +134,7 @@ class _Row:
         return Generation(
             text=self.text, token_ids=list(self.ids), finish_reason=self.finish or "length",
             logprobs=list(self.logprobs) if lp else None, prompt_tokens=len(self.prompt),
-            scaled_logprobs=list(self.scaled) if lp else None,
+            scaled_logprobs=list(self.scaled) if lp else None, prompt_ids=self.prompt,
         )
 
 

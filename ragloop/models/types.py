@@ -105,6 +105,8 @@ class Generation:
     # log softmax(logits / temperature) of each token (temperature 1 when greedy): PPO's rollout log-prob.
     # ``logprobs`` above are under the raw model distribution (temperature 1). Neither includes top-k/top-p.
     scaled_logprobs: list[float] | None = None
+    # the prompt's token ids as the model saw them (set by local decoding; shared, do not modify)
+    prompt_ids: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
