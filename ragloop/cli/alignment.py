@@ -38,6 +38,23 @@ def _existing(path: Path, what: str) -> Path:
     return path
 
 
+def _out_dir(path: Path) -> Path:
+    """``--out`` of a run: a new or existing directory (checked before any model loads)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} exists and is not a directory",
+                         hint="give a new directory (or an existing run's directory) for the run's files")
+    return path
+
+
+def _out_file(path: Path) -> Path:
+    """``--out`` of a JSONL result: a file path, not a directory."""
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a directory", hint=f"give a file name, e.g. {path / 'out.jsonl'}")
+    if path.parent != Path() and path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"--out {path}: {path.parent} is not a directory", hint="give a path in a directory")
+    return path
+
+
 def _budget(minutes: float | None) -> float | None:
     if minutes is None:
         return None
@@ -59,6 +76,10 @@ def train_sft(
     full: bool = typer.Option(False, "--full", help="Full fine-tuning."),
     prompt_tuning: bool = typer.Option(False, "--prompt-tuning", help="Soft-prompt tuning (peft)."),
     all_traces: bool = typer.Option(False, "--all-traces", help="Keep incorrect/unjudged traces too."),
+    include_flagged: bool = typer.Option(
+        False, "--include-flagged",
+        help="Also train on traces whose retrieved text tripped the injection heuristics (dropped and counted by "
+             "default, SECURITY.md §4)."),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the training rows."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the method's own, see the config docstring)."),
@@ -78,11 +99,18 @@ def train_sft(
       ragloop train sft --traces runs/pal.jsonl --lora --out ckpt/sft
       ragloop logs -n 0 --traces logged.jsonl && ragloop train sft --traces logged.jsonl --all-traces --out ckpt/sft
     """
-    from ragloop.alignment.data import filter_traces, load_jsonl_rows, traces_to_sft_rows, validate_sft_rows
+    from ragloop.alignment.data import (
+        DropReport,
+        filter_traces,
+        load_jsonl_rows,
+        traces_to_sft_rows,
+        validate_sft_rows,
+    )
     from ragloop.alignment.sft import SFTConfig, run_sft, sft_report_line
     from ragloop.core.trace import read_traces
     from ragloop.models.loading import load_policy
 
+    _out_dir(out)
     if (traces is None) == (data is None):
         raise UsageError("give exactly one of --traces FILE or --data FILE")
     if sum([lora, full, prompt_tuning]) > 1:
@@ -90,9 +118,13 @@ def train_sft(
     method = "full" if full else "prompt" if prompt_tuning else "lora"
     if traces is not None:
         ts = read_traces(_existing(traces, "trace file"))
+        pre = DropReport()
         if not all_traces:
-            ts = filter_traces(ts)
-        rows, report = traces_to_sft_rows(ts)
+            ts = filter_traces(ts, drop_injection=not include_flagged, report=pre)
+        rows, report = traces_to_sft_rows(ts, include_flagged=include_flagged)
+        if not all_traces:  # one summary: read = all traces, dropped = filter's reasons + conversion's
+            report.read = pre.read
+            report.dropped.update(pre.dropped)
     else:
         raw, rep0 = load_jsonl_rows(_existing(data, "data file"))
         rows, report = validate_sft_rows(raw)
@@ -129,6 +161,7 @@ def train_reward(
     from ragloop.alignment.data import load_jsonl_rows, validate_pairs
     from ragloop.alignment.reward import RewardConfig, train_reward_model
 
+    _out_dir(out)
     raw, rep0 = load_jsonl_rows(_existing(pairs, "pairs file"))
     ps, report = validate_pairs(raw)
     report.dropped.update(rep0.dropped)
@@ -173,6 +206,7 @@ def train_ppo(
 
     if check not in ("none", "numeric"):
         raise UsageError(f"--check must be 'none' or 'numeric', got {check!r}")
+    _out_dir(out)
     raw, rep = load_jsonl_rows(_existing(prompts, "prompts file"))
     items = [PPOItem(prompt=r["prompt"], meta={k: v for k, v in r.items() if k != "prompt"})
              for r in raw if isinstance(r.get("prompt"), str | list) and r["prompt"]]
@@ -219,6 +253,7 @@ def cai_revise(
     from ragloop.core.trace import read_traces
     from ragloop.models.loading import load_policy
 
+    _out_file(out)
     ts = read_traces(_existing(traces, "trace file"))
     ids = [p.strip() for p in principles.split(",")] if principles else None
     cons = load_constitution(ids)
@@ -257,6 +292,7 @@ def rlaif_label(
     from ragloop.core.trace import read_traces
     from ragloop.models.loading import load_policy
 
+    _out_file(out)
     ts = read_traces(_existing(traces, "trace file"))
     from ragloop.cli.progress import progress_bar, quiet_libraries
 
@@ -309,6 +345,7 @@ def improve(
     """
     from ragloop.alignment.improve import ImproveConfig, evaluate_slice, run_improve
 
+    _out_dir(out)
     cfg = ImproveConfig(out_dir=str(out), task=task, budget_minutes=budget_minutes, budget_clock=budget_clock,
                         policy=policy, eval_n=eval_n if eval_n is not None else (100 if task == "scifact-react" else 150), index=index,
                         data_dir=str(data_dir) if data_dir else None, ppo=not no_ppo, rm=not no_rm,
