@@ -113,6 +113,19 @@ class OpenAIPolicy:
     def __repr__(self) -> str:
         return f"OpenAIPolicy(model={self.model_id!r}, base_url={self.base_url!r})"
 
+    def with_options(self, *, timeout: float | None = None, max_retries: int | None = None) -> OpenAIPolicy:
+        """A copy whose requests use this timeout / retry count (None keeps the current one)."""
+        import copy
+
+        opts: dict[str, Any] = {}
+        if timeout is not None:
+            opts["timeout"] = timeout
+        if max_retries is not None:
+            opts["max_retries"] = max_retries
+        clone = copy.copy(self)
+        clone.client = self.client.with_options(**opts) if opts else self.client
+        return clone
+
     # -- training refuses -------------------------------------------------------------------------------
 
     def _no_weights(self) -> UsageError:
