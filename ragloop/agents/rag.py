@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragloop.agents.base import AgentBase, EventHandler, messages_of
+from ragloop.agents.base import AgentBase, EventHandler, messages_of, with_changes
 from ragloop.agents.docsearch import split_sentences
 from ragloop.agents.runtime import EpisodeGen, ModelCall
 from ragloop.core.errors import UsageError
@@ -185,9 +185,12 @@ class RAGAgent(AgentBase):
 
     def _decoding(self) -> GenerationConfig:
         c = self.config
-        if c.decoding is not None:
-            return c.decoding
-        return GenerationConfig(max_new_tokens=c.max_new_tokens, greedy=True, temperature=0.0, seed=c.seed)
+        base = c.decoding or GenerationConfig(max_new_tokens=c.max_new_tokens, greedy=True, temperature=0.0,
+                                              seed=c.seed)
+        # A passage number past the last one given means the model has started writing passages of its own
+        # (the 135M model copies the list's format); a new Question/Passages block means it left the answer.
+        stops = [f"[{c.k + 1}]", "\nQuestion:", "\nPassages:"]
+        return with_changes(base, stop=list(dict.fromkeys([*base.stop, *stops])))
 
     def _passages(self, sources: Sequence[Source]) -> str:
         out = []
