@@ -89,3 +89,11 @@ def test_attach_sources_for_react_steps(retriever):
 def test_old_trace_jsonl_still_loads():
     old = '{"schema_version": 1, "id": "x", "agent": "react", "question": "q", "answer": "a"}'
     assert Trace.from_json(old).sources == []
+
+
+def test_a_model_that_invents_a_passage_is_stopped_and_the_fallback_says_so(retriever):
+    # the 135M model was seen continuing the passage list ("[4] (Title) ...") instead of answering
+    policy = ScriptedPolicy(["[4] (Server) The admin server listens on port 9999."])
+    t = RAGAgent(policy, retriever, RAGConfig(k=3, mode="bm25")).run("Which port does the admin server listen on?")
+    assert t.fallback == "extractive" and "8443" in t.answer
+    assert "[4]" in t.decoding["stop"]
