@@ -22,6 +22,7 @@ from typing import Any, Literal
 from ragloop.agents.base import (
     AgentBase,
     EventHandler,
+    canonical_answer,
     greedy_config,
     majority_vote,
     messages_of,
@@ -193,5 +194,9 @@ class CoTAgent(AgentBase):
             s and majority_vote([a])[0] == winner for s, a in zip(strict, answers, strict=True)
         )
         trace.meta["votes"] = votes
+        top = max(votes.values(), default=0)
+        if sum(c == top for c in votes.values()) > 1:  # a tie, reported: the first sampled of the tied won
+            order = dict.fromkeys(k for k in (canonical_answer(a) for a in answers) if k is not None)
+            trace.meta["tie"] = [k for k in order if votes[k] == top]
         self._emit("answer", winner or "", len(gens))
         return self._close_trace(trace, t0)
