@@ -97,3 +97,14 @@ def test_a_model_that_invents_a_passage_is_stopped_and_the_fallback_says_so(retr
     t = RAGAgent(policy, retriever, RAGConfig(k=3, mode="bm25")).run("Which port does the admin server listen on?")
     assert t.fallback == "extractive" and "8443" in t.answer
     assert "[4]" in t.decoding["stop"]
+
+
+def test_cot_tie_is_recorded_and_shown():
+    from ragloop.agents.cot import CoTAgent, CoTConfig
+    from ragloop.agents.repl import answer_notes
+
+    pol = ScriptedPolicy(["The answer is 5.", "The answer is 4.", "The answer is 4.", "The answer is 5."])
+    t = CoTAgent(pol, CoTConfig(shots=0, self_consistency=4)).run("2 + 2?")
+    assert t.answer == "5" and t.meta["votes"] == {"5": 2, "4": 2} and t.meta["tie"] == ["5", "4"]
+    notes = "\n".join(answer_notes(t))
+    assert "Votes: 5: 2 votes, 4: 2 votes" in notes and "Tie between 5, 4" in notes
