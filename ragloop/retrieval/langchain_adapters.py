@@ -5,12 +5,15 @@ They follow langchain-core 1.x; anything that takes these interfaces (LCEL chain
 vector store swapped in for scale) works with ragloop's index and vice versa.
 
 In ``RagloopVectorStore`` each added text is one ragloop document whose id is the LangChain id; a long text
-is chunked, and a search returns each matching document once, as its best chunk, with the cosine similarity.
+is chunked, and a search returns each matching document once — exactly as it was stored (id, full text,
+metadata) — scored by its best chunk's cosine similarity. ``RagloopRetriever`` returns chunks (with their
+provenance in the metadata) and takes a per-call ``k`` (``invoke(query, k=1)``).
 Every add or delete is one new durable generation of the index.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -105,8 +108,15 @@ class RagloopRetriever(BaseRetriever):
     def from_index(cls, path: str | Path, *, embedder: Embedder | None = None, **kwargs: Any) -> RagloopRetriever:
         return cls(retriever=Retriever.open(path, embedder=embedder), **kwargs)
 
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        return [hit_to_document(h) for h in self.retriever.search(query, k=self.k, mode=self.mode)]  # type: ignore[arg-type]
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None,
+        mode: str | None = None,
+    ) -> list[Document]:
+        """The ``k`` best chunks (per call ``invoke(query, k=1)`` overrides the field), as Documents."""
+        k = self.k if k is None else int(k)
+        if k < 1:
+            raise UsageError(f"k must be a positive integer, got {k}")
+        return [hit_to_document(h) for h in self.retriever.search(query, k=k, mode=mode or self.mode)]  # type: ignore[arg-type]
 
 
 class RagloopVectorStore(VectorStore):
@@ -190,7 +200,16 @@ class RagloopVectorStore(VectorStore):
         r = self._open()
         if r is None:
             return []
-        return [self._doc_for_hit(r, h) for h in r.search_by_vector(np.asarray(embedding, np.float32), k=k)]
+        vec = np.asarray(embedding, np.float32)
+        depth = k
+        while True:  # chunks → documents: look deeper until k distinct documents (or the index) are covered
+            hits = r.search_by_vector(vec, k=depth)
+            seen: dict[str, Hit] = {}
+            for h in hits:
+                seen.setdefault(h.doc_id, h)
+            if len(seen) >= k or len(hits) < depth:
+                return [self._doc_for_hit(r, h) for h in list(seen.values())[:k]]
+            depth *= 4
 
     def _select_relevance_score_fn(self) -> Any:
         return lambda score: max(0.0, min(1.0, float(score)))  # cosine similarity of normalised vectors
@@ -224,7 +243,9 @@ class RagloopVectorStore(VectorStore):
 
     @staticmethod
     def _doc_for_hit(r: Retriever, h: Hit) -> Document:
+        """The document as it was stored (id, full text, metadata): what a VectorStore returns."""
         d = r.document(h.doc_id)
-        meta = dict(d.metadata) if d else {}
-        meta["chunk_id"] = h.chunk_id
-        return Document(id=h.doc_id, page_content=h.text, metadata=meta)
+        if d is None:  # removed between the search and this read
+            return Document(id=h.doc_id, page_content=h.text, metadata={})
+        meta = d.metadata if isinstance(d.metadata, dict) else json.loads(d.metadata)
+        return Document(id=d.doc_id, page_content=d.text, metadata=dict(meta))
