@@ -44,6 +44,7 @@ CLAIM_LABELS = ("NOT ENOUGH INFO", "SUPPORTS", "REFUTES")
 _LABEL_RE = re.compile(r"\b(NOT ENOUGH INFO|SUPPORTS?|REFUTES?|SUPPORTED|REFUTED|CONTRADICTS?)\b", re.IGNORECASE)
 _CITE_RE = re.compile(r"\[(\d{1,2})\]")
 _WORD_RE = re.compile(r"\w+")
+_ABBREV_END = re.compile(r"\b(?:al|e\.g|i\.e|cf|vs|etc|Fig|Eq|Sec|Dr|Mr|Ms|No)\.$")
 
 
 @dataclass
@@ -166,7 +167,12 @@ def parse_claim_label(text: str) -> str | None:
 def best_sentence(question: str, passage: str) -> str:
     """The sentence of ``passage`` sharing most words with ``question`` (ties: the earlier one)."""
     q = {w.lower() for w in _WORD_RE.findall(question) if len(w) > 2}
-    sents = split_sentences(passage) or [passage.strip()]
+    sents: list[str] = []
+    for s in split_sentences(passage) or [passage.strip()]:
+        if sents and _ABBREV_END.search(sents[-1]):  # "Holtzman et al. (2020) ..." is one sentence
+            sents[-1] = f"{sents[-1]} {s}"
+        else:
+            sents.append(s)
     return max(sents, key=lambda s: (len(q & {w.lower() for w in _WORD_RE.findall(s)}), -sents.index(s)))
 
 
