@@ -108,3 +108,12 @@ def test_cot_tie_is_recorded_and_shown():
     assert t.answer == "5" and t.meta["votes"] == {"5": 2, "4": 2} and t.meta["tie"] == ["5", "4"]
     notes = "\n".join(answer_notes(t))
     assert "Votes: 5: 2 votes, 4: 2 votes" in notes and "Tie between 5, 4" in notes
+
+
+def test_best_sentence_does_not_split_at_et_al():
+    from ragloop.agents.rag import best_sentence
+
+    passage = ("Nucleus sampling, introduced by Holtzman et al. (2020), keeps the smallest set of tokens whose "
+               "cumulative probability reaches p. It adapts to the distribution.")
+    assert best_sentence("What set of tokens does nucleus sampling keep?", passage).startswith(
+        "Nucleus sampling, introduced by Holtzman et al. (2020), keeps the smallest set")
