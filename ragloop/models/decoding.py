@@ -181,6 +181,25 @@ def stop_holdback(text: str, stops: Sequence[str]) -> int:
 # the loop
 
 
+def grammar_matchers(cfg: GenerationConfig, rows: int, tokenizer: Any) -> list[Any] | None:
+    """One fresh grammar matcher per row when ``cfg.grammar`` is set (``ragloop.models.grammar``), else None.
+    The grammar may end with the tokenizer's end-of-sequence token (as in the decode engine)."""
+    if cfg.grammar is None:
+        return None
+    from ragloop.models import grammar
+
+    return [grammar.matcher_for(cfg.grammar, tokenizer) for _ in range(rows)]
+
+
+def mask_logits(logits: torch.Tensor, matchers: Sequence[Any] | None) -> torch.Tensor:
+    """``logits`` ``(R, V)`` with -inf outside each row's grammar (a masked copy; the input when no grammar)."""
+    if matchers is None:
+        return logits
+    from ragloop.models import grammar
+
+    return grammar.apply_masks(logits.clone(), matchers)
+
+
 def derive_seed(seed: int, prompt_index: int, candidate: int) -> int:
     """The seed of one row under a user seed (independent streams via numpy's SeedSequence)."""
     entropy = [int(seed) % 2**63, prompt_index, candidate]
@@ -236,6 +255,8 @@ class DecodeRun:
         ]
         self._max_stop = max((len(s) for s in cfg.stop), default=0)
         self._events: Iterator[tuple[int, str]] | None = None
+        # grammar-constrained decoding: one matcher per row (ragloop.models.grammar), None = free text
+        self.matchers = grammar_matchers(cfg, len(self.rows), tokenizer)
 
     # -- per-row bookkeeping ------------------------------------------------------------------------------
 
@@ -311,6 +332,7 @@ class DecodeRun:
             seen = counts > 0  # (R, V) tokens present in the prompt (pads excluded)
         scale_t = cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
         for t in range(cfg.max_new_tokens):
+            raw, logits = logits, mask_logits(logits, self.matchers)  # (R, V) -inf outside each row's grammar
             if cfg.do_sample:
                 proc = sampling.process_logits(
                     logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -322,13 +344,20 @@ class DecodeRun:
                 nxt = sampling.greedy(proc)  # (R,)
             lps = scaled = None
             if cfg.logprobs:
-                lps = sampling.token_logprobs(logits, nxt).tolist()
-                scaled = lps if scale_t == 1.0 else sampling.token_logprobs(logits, nxt, temperature=scale_t).tolist()
+                # logprobs: the raw model's; scaled: under what was sampled from (temperature and grammar mask)
+                lps = sampling.token_logprobs(raw, nxt).tolist()
+                scaled = lps if scale_t == 1.0 and logits is raw else \
+                    sampling.token_logprobs(logits, nxt, temperature=scale_t).tolist()
             toks = nxt.tolist()
             for r, row in enumerate(rows):
                 if row.finish is not None:
                     continue
                 self._accept(row, toks[r], lps[r] if lps else None, scaled[r] if scaled else None)
+                if self.matchers is not None and row.finish is None:
+                    self.matchers[r].accept(toks[r])
+                    if self.matchers[r].is_done() and not self._append_text(row, row.detok.flush()):
+                        row.ends[-1] = len(row.text)
+                        row.finish = "stop"  # the grammar is complete
                 piece = self._emit(r, row)
                 if piece:
                     yield r, piece
