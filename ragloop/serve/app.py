@@ -6,8 +6,9 @@ Endpoints: ``POST /v1/chat/completions`` (stream, n, stop, logprobs, tools/tool_
 ``POST /apply-template`` (so ``ragloop.models.openai.OpenAIPolicy`` can count tokens and render the chat
 template of the model it talks to).
 
-Endpoints are ``async``; decoding runs in the thread pool through one ``Decoder`` (``decoder.py``), which
-batches concurrent requests. Required tool calls and ``response_format`` JSON are enforced by a
+Endpoints are ``async``; decoding runs in the thread pool through one ``Decoder`` (``decoder.py``): a
+``LocalPolicy`` decodes concurrent requests together on its decode engine (continuous batching), and a
+policy that is not thread-safe gets one worker thread that batches the requests queued for it. Required tool calls and ``response_format`` JSON are enforced by a
 ``GrammarSpec`` on the decode (``ragloop.models.tool_calling``). Errors are OpenAI-style bodies
 (``{"error": {"message", "type", "param", "code"}}``) with the right status: 400 bad request (a prompt over
 the context window says by how much), 401 bad API key, 404 unknown model or route, 500 with the error's
@@ -76,7 +77,7 @@ class ServeConfig:
     default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the context window)
     capture_dir: str | None = None  # write every call as a Trace (capture.py)
     # "queue": one worker batches requests; "direct": the policy is thread-safe and batches concurrent calls
-    # itself; "auto": direct when the policy says ``thread_safe = True``, else queue
+    # itself; "auto": direct for such a policy (``policy_is_thread_safe``), else queue
     decode_mode: str = "auto"
     embedder_factory: Callable[[], Any] | None = None  # () -> Embedder, loaded on first use
     extra_model_names: list[str] = field(default_factory=list)
@@ -146,6 +147,13 @@ def _refuse_unsupported(req: Any) -> None:
             raise APIError(400, f"{name} is not supported; use repetition_penalty (CTRL-style) instead", param=name)
 
 
+def policy_is_thread_safe(policy: Any) -> bool:
+    """True when ``policy`` may be called from many threads and batches concurrent calls itself: it says so
+    (``thread_safe = True``, e.g. ``OpenAIPolicy``) or decodes on a ``DecodeEngine`` (``LocalPolicy.submit``,
+    continuous batching, ``ragloop.models.engine``)."""
+    return bool(getattr(type(policy), "thread_safe", False)) or callable(getattr(type(policy), "submit", None))
+
+
 class _App:
     """The state behind the routes (no globals): policy, decoder, embedder, capture."""
 
@@ -155,7 +163,7 @@ class _App:
         self.model_name = cfg.model_name or policy.name
         mode = cfg.decode_mode
         if mode == "auto":
-            mode = "direct" if getattr(policy, "thread_safe", False) else "queue"
+            mode = "direct" if policy_is_thread_safe(policy) else "queue"
         if mode not in ("queue", "direct"):
             raise UsageError(f"decode_mode must be auto, queue or direct, got {cfg.decode_mode!r}")
         self.decoder = Decoder(policy, mode=mode)  # type: ignore[arg-type]

@@ -15,7 +15,9 @@ time, so only the bad request gets the error. Streams run alone, piece by piece,
 the client goes away.
 
 ``mode="direct"`` skips the worker and calls the policy from the caller's thread: for a policy that is
-itself thread-safe and batches concurrent calls (a decode engine, or an HTTP policy).
+itself thread-safe and batches concurrent calls — a ``LocalPolicy`` on its ``DecodeEngine`` (continuous
+batching: rows join and leave a running batch token by token), or an HTTP policy. The server picks it for
+such policies; the worker remains for policies that are not thread-safe (e.g. the scripted test policy).
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class Decoder:
         try:
             while True:
                 item = job.pieces.get()  # type: ignore[union-attr]
-                if item is _END:
+                if item is _END or job.cancelled.is_set():
                     break
                 yield item
         finally:
@@ -138,12 +140,17 @@ class Decoder:
                 yield piece
             return
         run = decode_run([prompt], cfg)
-        for _, piece in run:
-            if cancelled is not None and cancelled.is_set():
-                return
-            yield piece
-        if result is not None:
-            result.generation = run.results()[0][0]
+        try:
+            for _, piece in run:
+                if cancelled is not None and cancelled.is_set():
+                    return
+                yield piece
+            if result is not None:
+                result.generation = run.results()[0][0]
+        finally:
+            cancel = getattr(run, "cancel", None)  # an engine Ticket: release the row's slot
+            if cancel is not None and not getattr(run, "done", True):
+                cancel()
 
     def _run(self) -> None:
         while True:
