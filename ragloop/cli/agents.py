@@ -101,6 +101,8 @@ def ask_cmd(
         raise UsageError("the question is empty", hint='e.g. ragloop ask "What is 3 * 7?" --agent pal')
     if agent is None:
         agent = "rag" if index else "react"
+    if agent == "rag" and not index:
+        raise UsageError("the rag agent needs an index", hint='ragloop ask "..." --index mydocs')
     if task == "auto":
         task = "qa" if (agent in ("react", "rag") and index) else "math"
     tool_names = tuple(t.strip() for t in tools.split(",") if t.strip())

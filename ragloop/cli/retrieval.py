@@ -163,6 +163,10 @@ def index_cmd(
     config = IndexConfig(chunking=chunking, faiss=FaissConfig(kind=faiss_kind) if faiss_kind else None,
                          max_file_bytes=int(max_file_mb * 1024 * 1024), follow_symlinks=follow_symlinks,
                          include_hidden=include_hidden, rebuild=rebuild)
+    if quiet:
+        from ragloop.cli.progress import quiet_libraries
+
+        quiet_libraries()
     bar, callback = _progress_callback(not quiet and not as_json)
     if bar is not None:
         with bar:

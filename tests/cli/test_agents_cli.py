@@ -50,6 +50,7 @@ def test_ask_cot_self_consistency_quiet(tmp_path, capsys, ragloop_home):
     [(["ask", "  ", "--agent", "pal"], "the question is empty"),
      (["ask", "q", "--agent", "wizard"], "unknown agent 'wizard'"),
      (["ask", "q", "--agent", "pal", "--index", "x"], "--index is for the react agent"),
+     (["ask", "q", "--agent", "rag"], "the rag agent needs an index"),
      (["ask", "q", "--agent", "cot", "--shots", "-1"], "--shots must be >= 0"),
      (["ask", "q", "--agent", "react", "--action-format", "xml"], "--action-format must be text or json"),
      (["ask", "q", "--agent", "react", "--index", "no-such-index"], "no-such-index"),
