@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ragloop.agents.base import decoding_settings
 from ragloop.core.errors import UsageError
 from ragloop.core.trace import Trace
 from ragloop.models.types import Generation, GenerationConfig, Prompt
@@ -126,7 +127,7 @@ def run_agent_batched(
         for j, g in enumerate(cands):
             agent = make_agent(_ReplayPolicy(policy, [g]), sandbox)
             t = agent.run(q, task=task) if task else agent.run(q)
-            t.decoding = gcfg.to_dict()
+            t.decoding = decoding_settings(policy, gcfg)
             t.meta["batched"] = {"seed": (gcfg.seed or 0) + (i // batch_size) * batch_size,
                                  "prompt_index": i % batch_size, "candidate": j}
             traces.append(t)

@@ -88,7 +88,7 @@ class ImproveConfig:
     sft_lr: float | None = 1e-4  # full fine-tuning of a 135M model on a new format: short run, higher lr
     sft_batch: int = 8
     sft_max_length: int = 384
-    sft_bf16: bool = True
+    sft_bf16: bool | None = None  # bf16 autocast; None: only where the CPU does bf16 natively (models.cpu)
     rm: bool = True
     rm_questions: int = 16  # training questions sampled with the SFT policy for preference pairs
     rm_freeze_backbone: bool = True
@@ -380,7 +380,7 @@ def run_improve(cfg: ImproveConfig, *, policy: Any = None, progress: Callable[[s
     sft_budget = max(cfg.min_stage_seconds, cfg.sft_share * train_time)
     say(f"SFT on {len(rows)} rows ({len(self_rows)} own correct traces), budget {sft_budget / 60:.1f} min")
     sft_cfg = SFTConfig(out_dir=str(out / "sft"), method=cfg.sft_method, lr=cfg.sft_lr, batch_size=cfg.sft_batch,
-                        max_length=cfg.sft_max_length, bf16=cfg.sft_bf16, seed=cfg.seed, budget_seconds=sft_budget,
+                        max_length=cfg.sft_max_length, bf16=_sft_bf16(cfg.sft_bf16), seed=cfg.seed, budget_seconds=sft_budget,
                         save_every=100, warmup_steps=5, name=f"{start_name}-sft", epochs=1,
                         budget_clock=cfg.budget_clock)
     sft_res = run_sft(sft_cfg, policy, _shuffled(rows, cfg.seed), general_rows=general)
@@ -578,3 +578,10 @@ def _plot_summary(out: Path, before: dict[str, Any], after: dict[str, Any]) -> N
     fig.savefig(out / "before_after.png", dpi=90)
     plt.close(fig)
 
+
+def _sft_bf16(setting: bool | None) -> bool:
+    """bf16 autocast for SFT: as set, or (None) where the CPU does bf16 natively — emulated bf16 on AVX2 is
+    slower than fp32 (benchmarks/RESULTS.md, "Decoding on every CPU")."""
+    from ragloop.models.cpu import autocast_bf16
+
+    return autocast_bf16() if setting is None else setting

@@ -91,7 +91,7 @@ class ReactImproveConfig:
     sft_batch: int = 4  # micro-batch; × sft_grad_accum = 8 rows per step (a full-vocabulary logits tensor of
     sft_grad_accum: int = 2  # 8 × ~500 tokens is ~0.8 GB in fp32: halving the micro-batch halves that peak)
     sft_max_length: int = 768
-    sft_bf16: bool = True
+    sft_bf16: bool | None = None  # bf16 autocast; None: only where the CPU does bf16 natively (models.cpu)
     sft_epochs: int = 1
     general_n: int = 8  # held-out general chat rows for the forgetting probe (0 = none)
     reserve_seconds: float = 30.0  # kept free besides the after-evaluation
@@ -385,7 +385,7 @@ def run_improve_react(cfg: ReactImproveConfig, *, policy: Any = None, retriever:
     general = _general_rows(data, cfg.general_n)
     say(f"SFT on {len(rows)} rows, budget {sft_budget / 60:.1f} min (after-eval reserved {after_guess / 60:.1f} min)")
     sft_cfg = SFTConfig(out_dir=str(out / "sft"), method=cfg.sft_method, lr=cfg.sft_lr,  # type: ignore[arg-type]
-                        batch_size=cfg.sft_batch, grad_accum=cfg.sft_grad_accum, max_length=cfg.sft_max_length, bf16=cfg.sft_bf16, seed=cfg.seed,
+                        batch_size=cfg.sft_batch, grad_accum=cfg.sft_grad_accum, max_length=cfg.sft_max_length, bf16=_sft_bf16(cfg.sft_bf16), seed=cfg.seed,
                         budget_seconds=sft_budget, save_every=25, warmup_steps=3, name=f"{start_name}-scifact-react",
                         epochs=cfg.sft_epochs, budget_clock=cfg.budget_clock)
     res = run_sft(sft_cfg, policy, rows, general_rows=general)
@@ -522,3 +522,11 @@ def react_table(before: dict[str, Any], after: dict[str, Any]) -> str:
               "parses strictly (no parser repair, no re-ask) as Search/Lookup/Finish with a non-empty argument. "
               "Valid finish: the run ended with such a Finish step."]
     return "\n".join(lines)
+
+
+def _sft_bf16(setting: bool | None) -> bool:
+    """bf16 autocast for SFT: as set, or (None) where the CPU does bf16 natively — emulated bf16 on AVX2 is
+    slower than fp32 (benchmarks/RESULTS.md, "Decoding on every CPU")."""
+    from ragloop.models.cpu import autocast_bf16
+
+    return autocast_bf16() if setting is None else setting

@@ -32,12 +32,38 @@ app = typer.Typer(
 _AREAS = ("models", "retrieval", "tools", "agents", "alignment", "logs", "serve")
 
 
+THREADS_HELP = ("Threads for torch, the embedder, FAISS and tokenizers (also $RAGLOOP_THREADS). Default: the "
+                "physical cores this process may use (affinity, cgroup quota) that other work is not using now.")
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Log what is chosen and why (threads, CPU kernels, what --precision auto became)."),
 ) -> None:
+    """Local-first agentic RAG and tool use, with an alignment loop trained on the agents' own traces.
+
+    Example: ragloop --threads 1 --verbose ask "What is 2+2?" --agent pal
+    """
     if debug:
         os.environ["RAGLOOP_DEBUG"] = "1"
+    if verbose:
+        _log_to_stderr()
+    from ragloop.models.cpu import configure_threads
+
+    configure_threads(threads)  # once, before any model or index is loaded
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ragloop: %(message)s"))
+    logger = logging.getLogger("ragloop")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _register_all() -> None:

@@ -18,13 +18,14 @@ from ragloop.core.config import load_config, ragloop_home
 from ragloop.core.errors import DataError, UsageError
 
 POLICY_HELP = "Policy model: default, an HF directory, a .gguf file or a ragloop checkpoint."
-PRECISION_HELP = "Decode weights of the fast path: fp32 (exact), bf16, int8 or int4 (faster; see RESULTS.md)."
+PRECISION_HELP = ("Decode weights of the fast path: auto (default: the fastest that passed the quality gate on this "
+                  "CPU; `ragloop models` says which), fp32 (exact), bf16, int8 or int4 (see RESULTS.md).")
 AGENT_HELP = ("Agent: rag (retrieve, answer with citations; the default with --index), react "
               "(Thought/Action/Observation; the default without), pal (program + sandbox) or cot (chain of thought).")
 NO_LOG_HELP = "Do not append this exchange to the local log ($RAGLOOP_HOME/logs.db; see `ragloop logs`)."
 
 
-def load_policy_spec(spec: str | None, precision: str = "fp32") -> Any:
+def load_policy_spec(spec: str | None, precision: str = "auto") -> Any:
     """A policy from a CLI spec (see the module docstring); ``precision`` = the fast decode path's weights."""
     spec = spec or load_config().get("models", {}).get("policy")
     if spec and spec.startswith("scripted:"):
@@ -77,7 +78,7 @@ def ask_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; print only the answer."),
     no_log: bool = typer.Option(False, "--no-log", help=NO_LOG_HELP),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
-    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
+    precision: str = typer.Option("auto", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
 ) -> None:
     """Ask one question; the agent reasons (and searches / computes) and answers, with its sources.
 
@@ -143,7 +144,7 @@ def chat_cmd(
     agent: str | None = typer.Option(None, "--agent", "-a", help=AGENT_HELP),
     index: str | None = typer.Option(None, "--index", "-i", help="Index (path or name) that rag / react search."),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
-    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
+    precision: str = typer.Option("auto", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     timeout: float = typer.Option(5.0, "--timeout", help="Wall-clock limit of each sandboxed program, seconds."),
@@ -225,7 +226,7 @@ def eval_gsm8k_cmd(
     limit: int | None = typer.Option(None, "--limit", help="Use this many rows (from --offset)."),
     offset: int = typer.Option(0, "--offset", help="Skip this many rows first."),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
-    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
+    precision: str = typer.Option("auto", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed (decoding is greedy; recorded in every trace)."),
     out: str | None = typer.Option(None, "--out", help="Traces JSONL (default under ~/.ragloop/traces)."),
     shots: int | None = typer.Option(None, "--shots", help="Exemplars (default: 8 for PAL/CoT, 4 for ReAct)."),
@@ -268,7 +269,7 @@ def eval_claims_cmd(
     limit: int | None = typer.Option(None, "--limit", help="Use this many claims (from --offset)."),
     offset: int = typer.Option(0, "--offset", help="Skip this many claims first."),
     policy: str | None = typer.Option(None, "--policy", envvar="RAGLOOP_POLICY", help=POLICY_HELP),
-    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
+    precision: str = typer.Option("auto", "--precision", envvar="RAGLOOP_PRECISION", help=PRECISION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed (decoding is greedy; recorded in every trace)."),
     out: str | None = typer.Option(None, "--out", help="Traces JSONL (default under ~/.ragloop/traces)."),
     shots: int | None = typer.Option(None, "--shots", help="Exemplars (default 3, the paper's FEVER prompt)."),

@@ -100,7 +100,9 @@ def generate_cmd(
     backend: str = typer.Option("auto", "--backend", help="Decode path: auto, hf or fast."),
     dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16, float16."),
     precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION",
-                                  help="Fast decode path weights: fp32 (exact), bf16, int8 or int4 (faster)."),
+                                  help="Fast decode path weights: fp32 (exact, the default here), bf16, int8, int4 "
+                                       "(faster), or auto (the fastest that passed the quality gate on this CPU; "
+                                       "`ragloop models` says which)."),
 ) -> None:
     """Generate text with the local policy model.
 
@@ -149,6 +151,7 @@ def generate_cmd(
     if as_json:
         out = {
             "policy": pol.name,
+            "precision": getattr(pol, "precision", None),  # resolved: --precision auto shows what it became
             "prompt_tokens": gens[0].prompt_tokens,
             "config": cfg.to_dict(),
             "candidates": [
@@ -253,8 +256,9 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSO
     except ModelNotFoundError:
         embedded.update(installed=False, hint=INSTALL_HINT)
     cached = list_cached_models()
+    cpu = _cpu_summary()
     if as_json:
-        typer.echo(json.dumps({"embedded": embedded, "cache_dir": str(cache_dir()), "cached": cached}))
+        typer.echo(json.dumps({"embedded": embedded, "cache_dir": str(cache_dir()), "cached": cached, "cpu": cpu}))
         return
     from rich.table import Table
 
@@ -265,6 +269,10 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSO
                       f"{embedded['bytes'] / 1e6:.1f} MB (GGUF), {state}", markup=False)
     else:
         console.print(f"embedded default: not installed ({INSTALL_HINT})", markup=False)
+    console.print(f"cpu: {cpu['describe']}; threads {cpu['threads']}", markup=False)
+    console.print(f"--precision auto → {cpu['precision_auto']['q4_grid']} for weights on a 4-bit grid (the embedded "
+                  f"model), {cpu['precision_auto']['other']} for others; bf16 kernel: {cpu['kernels']['bf16']['small']}; "
+                  f"training bf16 autocast: {'yes' if cpu['autocast_bf16'] else 'no (fp32)'}", markup=False)
     table = Table(title=f"converted models in {cache_dir() / 'models'}")
     for col in ("name", "params", "context", "size", "status", "path"):
         table.add_column(col, overflow="fold")
@@ -274,6 +282,29 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSO
         status = "ok" if e["ok"] else f"damaged: {e.get('problem')}"
         table.add_row(str(e.get("name")), params, str(e.get("context_window") or "?"), size, status, e["path"])
     console.print(table)
+
+
+def _cpu_summary() -> dict[str, Any]:
+    """What this CPU is and what follows from it (``ragloop.models.cpu``), for ``ragloop models``."""
+    import torch
+
+    from ragloop.models.cpu import (
+        DECODE_PRECISIONS,
+        autocast_bf16,
+        detect_cpu,
+        matmul_kernel,
+        resolve_precision,
+    )
+
+    info = detect_cpu()
+    return {
+        "capability": info.capability, "torch_capability": info.torch_capability, "arch": info.arch,
+        "forced": info.forced, "describe": info.describe(), "threads": torch.get_num_threads(),
+        "precision_auto": {"q4_grid": resolve_precision("auto", info, q4_grid=True),
+                           "other": resolve_precision("auto", info, q4_grid=False)},
+        "kernels": {p: matmul_kernel(p, info) for p in DECODE_PRECISIONS},
+        "autocast_bf16": autocast_bf16(info),
+    }
 
 
 def plan_cmd(

@@ -23,6 +23,9 @@ recorded in ``benchmarks/RESULTS.md``):
   only bf16 rounding of scales and activations remains — an eighth of the bytes, used for decode steps
   of up to 4 rows (prefill and larger batches use a bf16 copy, where that kernel is faster; the output
   projection stays bf16). Norms, RoPE, attention, softmax and the residual stream stay fp32 in every mode;
+- each precision's kernel is chosen from what the CPU has (``ragloop.models.cpu.matmul_kernel``): oneDNN's
+  bf16 path needs AVX-512 (bw/vl/dq) or AVX-NE-CONVERT, so on AVX2 and ARM bf16 weights (and int4's bf16
+  copy) run on ``_Bf16FallbackLinear``, correct on every CPU;
 - a preallocated KV cache (no ``torch.cat`` per token, doubled when full) and one additive padding mask;
 - ``n`` candidates of one prompt (rows ``i*n .. i*n+n-1``, as ``DecodeRun`` lays them out) share one
   prefill and one prompt cache (``fast_attention.shared_prefix_decode_attention``): ``n``× less prefill
@@ -48,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ragloop.core.errors import ContextWindowError, UsageError
+from ragloop.models.cpu import CpuInfo, detect_cpu, matmul_kernel
 from ragloop.models.fast_attention import (
     decode_attention,
     prefill_bias,
@@ -62,7 +66,7 @@ INT4_GROUP = 32  # inputs per (scale, min) pair, as in GGML's Q4_1
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Linear layers in three precisions
+# Linear layers in three precisions; which kernel runs them is decided by ragloop.models.cpu
 
 
 def _mkldnn_ok() -> bool:
@@ -73,7 +77,9 @@ class _PackedLinear:
     """``y = x @ W.T`` with ``W`` (N, K) prepacked for oneDNN (fp32 or bf16 weights).
 
     The output keeps the weights' dtype: a bf16 output added to the fp32 residual stream promotes to fp32
-    in the add itself, so no separate cast is spent on it.
+    in the add itself, so no separate cast is spent on it. oneDNN's bf16 prepack raises on CPUs without
+    avx512bw/vl/dq or avx_ne_convert: ``ragloop.models.cpu.matmul_kernel`` routes those to
+    ``_Bf16FallbackLinear`` first, and ``_bf16_linear`` catches a refusal the flags did not predict.
     """
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> None:
@@ -91,6 +97,40 @@ class _PackedLinear:
         else:
             y = F.linear(x, self.weight)
         return y
+
+
+class _Bf16FallbackLinear:
+    """bf16 weights where oneDNN has no bf16 path (AVX2, ARM, plain x86-64): correct on every CPU.
+
+    Two kernels, chosen per call by the number of rows, because neither wins everywhere (measured on the
+    real model's matmuls with AVX2 kernels, ``bench_decode.py --levers``; RESULTS.md "Decoding on every CPU"):
+    torch's own bf16 GEMV (``F.linear`` on bf16) streams half the bytes of fp32 and is the fastest kernel
+    for 1-2 rows, but its bf16 GEMM falls to a slow path from ~4 rows (3× fp32 at 16 rows); above
+    ``gemv_rows`` the bf16 weights are widened to fp32 per call and multiplied by MKL's sgemm, which costs
+    about what fp32 prepacked weights cost and keeps the memory at bf16's half. Outputs: bf16 on the GEMV
+    path (promoted to fp32 in the residual add, as ``_PackedLinear``'s), fp32 above.
+    """
+
+    def __init__(self, weight: torch.Tensor, gemv_rows: int = 2) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight.detach().to(torch.bfloat16).contiguous()  # (N, K)
+        self.gemv_rows = gemv_rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.gemv_rows * self.in_features:
+            return F.linear(x.to(torch.bfloat16), self.weight)  # (..., N) bf16
+        return F.linear(x.float(), self.weight.float())  # (..., N) fp32
+
+
+def _bf16_linear(weight: torch.Tensor, kernel: str, batch_hint: int):
+    """bf16 weights on ``kernel`` ("onednn_bf16" or "bf16_fallback"); a oneDNN refusal falls back."""
+    if kernel == "onednn_bf16":
+        try:
+            return _PackedLinear(weight, torch.bfloat16, batch_hint)
+        except RuntimeError as e:  # e.g. "mkldnn_reorder_linear_weight: bf16 path needs the cpu support ..."
+            log.warning("oneDNN bf16 matmul unavailable on this CPU (%s); using the bf16 fallback kernel",
+                        str(e).splitlines()[0][:160])
+    return _Bf16FallbackLinear(weight)
 
 
 class _Int8Linear:
@@ -160,17 +200,44 @@ class _Int4Linear:
 
 class _SmallBatchInt4Linear:
     """4-bit weights for calls of at most ``max_rows`` rows (decode steps of one or a few sequences), bf16
-    prepacked weights for larger ones (prefill, big batches): the 4-bit kernel reads an eighth of the fp32
-    bytes but computes slower, so past ~6 rows the bf16 kernel wins (measured: ``bench_decode.py --levers``)."""
+    weights for larger ones (prefill, big batches): the 4-bit kernel reads an eighth of the fp32 bytes but
+    computes slower, so past ~6 rows the bf16 kernel wins (measured: ``bench_decode.py --levers``). The bf16
+    copy runs on the same kernel as ``precision="bf16"`` (``large_kernel``, from ``cpu.matmul_kernel``)."""
 
-    def __init__(self, weight: torch.Tensor, batch_hint: int, max_rows: int = 4) -> None:
+    def __init__(self, weight: torch.Tensor, batch_hint: int, max_rows: int = 4,
+                 large_kernel: str = "onednn_bf16") -> None:
         self.small = _Int4Linear(weight)
-        self.large = _PackedLinear(weight, torch.bfloat16, batch_hint)
+        self.large = _bf16_linear(weight, large_kernel, batch_hint)
         self.out_features, self.in_features = weight.shape
         self.max_rows = max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.small(x) if x.numel() <= self.max_rows * self.in_features else self.large(x)
+
+
+def weights_on_int4_grid(model: torch.nn.Module, layers: tuple[int, ...] = (0, -1)) -> bool:
+    """Whether the matmul weights of ``layers`` of a Llama model lie on a Q4_1 grid (4-bit, groups of 32), so
+    that ``precision="int4"`` reproduces them exactly (the embedded GGUF model); False for weights int4 would
+    round (random, fine-tuned, HF fp16/bf16 checkpoints) and for shapes the int4 kernel cannot take. Two
+    layers are checked, not all: a checkpoint is quantised, or fine-tuned, as a whole."""
+    try:
+        blocks = model.model.layers
+    except AttributeError:
+        return False
+    for i in layers:
+        if not -len(blocks) <= i < len(blocks):
+            return False
+        block = blocks[i]
+        for lin in (block.self_attn.q_proj, block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.down_proj):
+            w = lin.weight.detach().float()  # (N, K)
+            N, K = w.shape
+            if N % 16 or K % INT4_GROUP:
+                return False
+            q, scale, low = quantize_int4_groupwise(w, INT4_GROUP)
+            recon = q.view(N, K // INT4_GROUP, INT4_GROUP) * scale[..., None] + low[..., None]
+            if not bool(((recon - w.view_as(recon)).abs() <= 1e-3 * scale[..., None]).all()):
+                return False
+    return True
 
 
 def quantize_int4_groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,12 +257,16 @@ def quantize_int4_groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Ten
     return q, scale, low
 
 
-def _make_linear(weight: torch.Tensor, precision: str, batch_hint: int):
+def _make_linear(weight: torch.Tensor, precision: str, batch_hint: int, kernels: dict[str, str] | None = None):
+    """The linear layer for ``precision`` on ``kernels`` (``cpu.matmul_kernel(precision)``; this CPU's if None)."""
+    kernels = kernels or matmul_kernel(precision)
     if precision == "int8":
         return _Int8Linear(weight)
     if precision == "int4":
-        return _SmallBatchInt4Linear(weight, batch_hint)
-    return _PackedLinear(weight, torch.float32 if precision == "fp32" else torch.bfloat16, batch_hint)
+        return _SmallBatchInt4Linear(weight, batch_hint, large_kernel=kernels["large"])
+    if precision == "bf16":
+        return _bf16_linear(weight, kernels["small"], batch_hint)
+    return _PackedLinear(weight, torch.float32, batch_hint)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +335,8 @@ def check_supported(model: torch.nn.Module) -> LlamaShape:
     )
 
 
-def _extract_layers(model: torch.nn.Module, precision: str, batch_hint: int) -> list[_Layer]:
+def _extract_layers(model: torch.nn.Module, precision: str, batch_hint: int,
+                    kernels: dict[str, str] | None = None) -> list[_Layer]:
     out = []
     for layer in model.model.layers:
         att, mlp = layer.self_attn, layer.mlp
@@ -273,11 +345,11 @@ def _extract_layers(model: torch.nn.Module, precision: str, batch_hint: int) -> 
         out.append(
             _Layer(
                 ln1=layer.input_layernorm.weight.detach().float().clone(),
-                qkv=_make_linear(wqkv, precision, batch_hint),
-                o=_make_linear(att.o_proj.weight, precision, batch_hint),
+                qkv=_make_linear(wqkv, precision, batch_hint, kernels),
+                o=_make_linear(att.o_proj.weight, precision, batch_hint, kernels),
                 ln2=layer.post_attention_layernorm.weight.detach().float().clone(),
-                gate_up=_make_linear(wgu, precision, batch_hint),
-                down=_make_linear(mlp.down_proj.weight, precision, batch_hint),
+                gate_up=_make_linear(wgu, precision, batch_hint, kernels),
+                down=_make_linear(mlp.down_proj.weight, precision, batch_hint, kernels),
             )
         )
     return out
@@ -304,6 +376,7 @@ class FastStepper:
         max_seq_len: int | None = None,
         reserve: int = 256,
         share_prompts: bool = True,
+        cpu: CpuInfo | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -315,13 +388,15 @@ class FastStepper:
         self.max_seq_len = int(max_seq_len or s.max_positions)
         self.reserve = max(1, int(reserve))  # cache slots allocated beyond the prompt; doubled when full
         self.share_prompts = share_prompts
+        self.cpu = cpu or detect_cpu()
+        self.kernels = matmul_kernel(precision, self.cpu)  # {"small": ..., "large": ...} kernel names
         with torch.no_grad():
             self.embed = model.model.embed_tokens.weight.detach().float()  # (V, D), shared, not copied
-            self.layers = _extract_layers(model, precision, batch_hint=1)
+            self.layers = _extract_layers(model, precision, 1, self.kernels)
             self.norm = model.model.norm.weight.detach().float().clone()  # (D,)
             # int4 keeps the output projection in bf16: it is the (tied) embedding, 8-bit in GGUF files
             head_precision = "bf16" if precision == "int4" else precision
-            self.lm_head = _make_linear(model.lm_head.weight, head_precision, batch_hint=1)
+            self.lm_head = _make_linear(model.lm_head.weight, head_precision, 1, matmul_kernel(head_precision, self.cpu))
             if precision == "int4":
                 # True for the embedded model (Q4_1 GGUF); otherwise int4 rounds the weights (check quality)
                 self.int4_exact = all(lin.small.on_grid for layer in self.layers
@@ -570,6 +645,7 @@ def make_stepper(
     precision: str = "fp32",
     max_batch: int = 16,
     max_seq_len: int | None = None,
+    cpu: CpuInfo | None = None,
 ) -> FastStepper:
     """A ``FastStepper`` over ``model``'s weights (a ``ragloop.models.decoding.Stepper``).
 
@@ -580,8 +656,10 @@ def make_stepper(
     limits, not allocations. Raises ``UsageError`` (a ``RagloopError``) for a model or setting it does not
     support — the caller then falls back to the HF stepper. Building packs a copy of the matmul weights
     (fp32: the model's size again; bf16: half; int8: a quarter; int4: a bf16 copy plus an eighth).
+    ``cpu``: the processor whose kernels to use (``ragloop.models.cpu.detect_cpu()``, the default, honours
+    ``RAGLOOP_CPU_CAPABILITY``); bf16 runs on oneDNN where the CPU has its bf16 path, else on a fallback.
     """
     t = time.perf_counter()
-    stepper = FastStepper(model, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len)
-    log.debug("fast stepper (%s) built in %.2f s", precision, time.perf_counter() - t)
+    stepper = FastStepper(model, precision=precision, max_batch=max_batch, max_seq_len=max_seq_len, cpu=cpu)
+    log.debug("fast stepper (%s, kernels %s) built in %.2f s", precision, stepper.kernels, time.perf_counter() - t)
     return stepper

@@ -472,7 +472,8 @@ def load_policy(
     """Load a policy. ``spec``: None/"default" (embedded SmolLM2), an HF directory, a .gguf file, a
     ragloop checkpoint directory, or ``openai:MODEL@URL`` (an ``OpenAIPolicy`` over that server). ``dtype``: "float32" (default), "bfloat16", "float16" or "auto".
     ``backend``: the decode path, "auto" (fast path when available), "hf" or "fast". ``precision``: the
-    fast path's decode weights, "fp32" (default), "bf16", "int8" or "int4" (see ``LocalPolicy``)."""
+    fast path's decode weights, "fp32" (default, exact), "bf16", "int8", "int4", or "auto": the fastest that
+    passed the quality gate on this CPU (``ragloop.models.cpu.resolve_precision``; see ``LocalPolicy``)."""
     from ragloop.models.local import PRECISIONS, LocalPolicy
 
     if isinstance(spec, str) and spec.strip().startswith("openai:"):  # an OpenAI-compatible server
@@ -484,7 +485,7 @@ def load_policy(
         return OpenAIPolicy.from_spec(spec.strip())  # type: ignore[return-value]
     if precision not in PRECISIONS:  # before the slow load
         raise UsageError(f"unknown decode precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision != "fp32" and backend == "hf":
+    if precision not in ("fp32", "auto") and backend == "hf":
         raise UsageError(f"precision {precision} needs the fast decode path, not backend 'hf'",
                          hint="use --backend auto (or fast), or --precision fp32")
     t0 = time.perf_counter()

@@ -17,6 +17,9 @@ reference), or the reduced "bf16", "int8", "int4" (faster; quality measured by `
 — next-token agreement with fp32 and PAL accuracy — and recorded in ``benchmarks/RESULTS.md``). It applies
 to decoding only: ``score``/``logprobs_of`` and training always run the model's own fp32 forward pass. A
 reduced precision needs the fast path, so it refuses ``backend="hf"`` and never falls back silently.
+"auto" resolves to this CPU's fastest precision that passed the quality gate (``ragloop.models.cpu``; int4
+only for weights on a 4-bit grid, re-resolved when the weights change, fp32 where the fast path does not
+apply); ``precision`` then holds the resolved value and ``requested_precision`` says "auto".
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from ragloop.models.types import ChatMessages, Generation, GenerationConfig, Pro
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "hf", "fast")
-PRECISIONS = ("fp32", "bf16", "int8", "int4")
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "int4")  # "auto": ragloop.models.cpu.resolve_precision
 
 
 def _end_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -79,7 +82,7 @@ class LocalPolicy:
             raise UsageError(f"unknown decode backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
             raise UsageError(f"unknown decode precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if precision != "fp32" and backend == "hf":
+        if precision not in ("fp32", "auto") and backend == "hf":
             raise UsageError(f"precision {precision} needs the fast decode path, not backend 'hf'",
                              hint="use --backend auto (or fast), or --precision fp32")
         self.model = model
@@ -90,7 +93,8 @@ class LocalPolicy:
             raise UsageError(f"cannot tell the context window of {name}; pass context_window=")
         self.context_window = int(cw)
         self.backend = backend
-        self.precision = precision
+        self.requested_precision = precision  # as asked: "auto" or a precision
+        self.precision = self._resolve_precision()  # what decoding uses (recorded in every Trace)
         self.max_batch_rows = max_batch_rows
         self.end_ids = _end_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
@@ -119,6 +123,7 @@ class LocalPolicy:
 
     def __repr__(self) -> str:
         extra = f", precision={self.precision!r}" if self.precision != "fp32" else ""
+        extra += " (auto)" if self.requested_precision == "auto" else ""
         return (f"LocalPolicy(name={self.name!r}, context_window={self.context_window}, "
                 f"backend={self.backend!r}{extra})")
 
@@ -183,21 +188,45 @@ class LocalPolicy:
             return HFStepper(self.model)
         return self._stepper
 
+    def _resolve_precision(self) -> str:
+        """``requested_precision`` itself, or for "auto" this CPU's choice (``cpu.resolve_precision``) for
+        these weights: fp32 where the fast path does not apply, never int4 for weights off a 4-bit grid."""
+        if self.requested_precision != "auto":
+            return self.requested_precision
+        if self.backend == "hf":
+            return "fp32"
+        try:
+            fast = importlib.import_module("ragloop.models.fast")
+            fast.check_supported(self.model)
+        except (ModuleNotFoundError, RagloopError):
+            return "fp32"
+        from ragloop.models.cpu import resolve_precision
+
+        resolved = resolve_precision("auto", q4_grid=fast.weights_on_int4_grid(self.model))
+        log.info("precision auto -> %s", resolved)
+        return resolved
+
     def _make_fast_stepper(self) -> Stepper | None:
+        if self.requested_precision == "auto":
+            self.precision = self._resolve_precision()  # the weights changed: int4 may no longer be exact
+        # an explicit reduced precision never falls back silently; "auto" falls back to fp32 (and says so)
+        strict = self.backend == "fast" or self.requested_precision not in ("fp32", "auto")
         try:
             fast = importlib.import_module("ragloop.models.fast")
         except ModuleNotFoundError as e:
-            if e.name != "ragloop.models.fast" or self.backend == "fast" or self.precision != "fp32":
+            if e.name != "ragloop.models.fast" or strict:
                 raise UsageError("the fast decode path (ragloop.models.fast) is not available") from None
+            self.precision = "fp32"
             return None
         try:
             stepper = fast.make_stepper(self.model, precision=self.precision, max_batch=self.max_batch_rows)
         except (RagloopError, NotImplementedError, ValueError, TypeError) as e:
-            if self.backend == "fast" or self.precision != "fp32":
+            if strict:
                 raise UsageError(f"the fast decode path does not support {self.name}: {e}") from None
             log.info("fast decode path unavailable for %s (%s); using transformers", self.name, e)
+            self.precision = "fp32"
             return None
-        if stepper is None and (self.backend == "fast" or self.precision != "fp32"):
+        if stepper is None and strict:
             raise UsageError(f"the fast decode path does not support {self.name}")
         return stepper
 

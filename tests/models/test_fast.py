@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ragloop.core.errors import ContextWindowError, UsageError
+from ragloop.models.cpu import CpuInfo, detect_cpu, matmul_kernel
 from ragloop.models.fast import (
     FastStepper,
     make_stepper,
@@ -163,27 +164,44 @@ def test_prefill_resets_the_cache(tiny):
         assert torch.equal(a, b)
 
 
-def _agreement(model, precision: str) -> tuple[float, float]:
+# Each precision runs on two kernel paths: "native" = what this CPU's dispatch picks (oneDNN's bf16 where the CPU
+# has it), "fallback" = the dispatch forced to AVX2 (``_Bf16FallbackLinear``), which runs on any CPU.
+FALLBACK_CPU = CpuInfo("avx2", "AVX2", "x86_64", forced=True)
+
+
+def _cpu_for(path: str, precision: str) -> CpuInfo:
+    if path == "fallback":
+        return FALLBACK_CPU
+    info = detect_cpu()
+    if "bf16_fallback" in matmul_kernel(precision, info).values():
+        pytest.skip(f"this CPU ({info.describe()}) has no oneDNN bf16 path: its {precision} runs on the fallback "
+                    f"kernel, tested by the 'fallback' case")
+    return info
+
+
+def _agreement(model, precision: str, cpu: CpuInfo | None = None) -> tuple[float, float]:
     """Teacher-forced next-token agreement with fp32 over 3 prompts x 20 positions, and the max relative
     logit error."""
     ids, mask = _left_pad(PROMPTS)
     g = torch.Generator().manual_seed(1)
     feed = [torch.randint(3, VOCAB, (len(PROMPTS),), generator=g) for _ in range(20)]
     ref, _ = _run(make_stepper(model), ids, mask, steps=20, feed=feed)
-    low, _ = _run(make_stepper(model, precision=precision), ids, mask, steps=20, feed=feed)
+    low, _ = _run(make_stepper(model, precision=precision, cpu=cpu), ids, mask, steps=20, feed=feed)
     agree = torch.cat([(a.argmax(-1) == b.argmax(-1)) for a, b in zip(ref, low, strict=True)]).float().mean()
     err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(low, ref, strict=True))
     return float(agree), err
 
 
+@pytest.mark.parametrize("path", ["native", "fallback"])
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_reduced_precision_agrees_with_fp32(tiny, precision):
-    agree, err = _agreement(tiny, precision)
+def test_reduced_precision_agrees_with_fp32(tiny, precision, path):
+    agree, err = _agreement(tiny, precision, _cpu_for(path, precision))
     assert agree >= 0.85
     assert 0 < err < 0.1  # reduced, but not broken
 
 
-def test_int4_is_near_exact_on_weights_already_on_a_q4_1_grid(tiny):
+@pytest.mark.parametrize("path", ["native", "fallback"])
+def test_int4_is_near_exact_on_weights_already_on_a_q4_1_grid(tiny, path):
     """The embedded model's matmul weights are Q4_1 (4-bit, groups of 32): int4 then loses only bf16
     rounding. Project the tiny model's weights onto such a grid and compare with its own fp32 path."""
     import copy
@@ -196,7 +214,7 @@ def test_int4_is_near_exact_on_weights_already_on_a_q4_1_grid(tiny):
                 N, K = lin.weight.shape
                 q, scale, low = quantize_int4_groupwise(lin.weight.float(), 32)
                 lin.weight.copy_((q.reshape(N, K // 32, 32) * scale[..., None] + low[..., None]).reshape(N, K))
-    agree, err = _agreement(model, "int4")
+    agree, err = _agreement(model, "int4", _cpu_for(path, "int4"))  # prefill (> 4 rows' worth) runs bf16
     assert make_stepper(model, precision="int4").int4_exact
     assert not make_stepper(tiny, precision="int4").int4_exact  # random weights: rounded
     assert agree >= 0.85
@@ -226,13 +244,15 @@ def test_quantize_int4_groupwise_recovers_a_q4_1_grid_exactly():
     assert torch.allclose(w2, w, atol=1e-6)
 
 
-def test_int4_linear_uses_4_bit_for_few_rows_and_bf16_for_many():
+@pytest.mark.parametrize("large_kernel", ["onednn_bf16", "bf16_fallback"])
+def test_int4_linear_uses_4_bit_for_few_rows_and_bf16_for_many(large_kernel):
+    # "onednn_bf16" on a CPU without oneDNN's bf16 path falls back to the fallback kernel (never raises)
     from ragloop.models.fast import _SmallBatchInt4Linear
 
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (32, 64), generator=g)
     w = (q.reshape(32, 2, 32) * 0.01 - 0.08).reshape(32, 64)  # on a Q4_1 grid
-    lin = _SmallBatchInt4Linear(w, batch_hint=1, max_rows=4)
+    lin = _SmallBatchInt4Linear(w, batch_hint=1, max_rows=4, large_kernel=large_kernel)
     for rows in (1, 4, 5, 16):
         x = torch.randn(rows, 64, generator=g)
         y = lin(x).float()

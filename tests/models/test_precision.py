@@ -44,3 +44,28 @@ def test_cli_bad_precision_is_one_clear_message(capsys):
     rc = main(["generate", "hi", "--precision", "bf16", "--backend", "hf"])
     err = capsys.readouterr().err
     assert rc == 2 and "needs the fast decode path" in err
+
+
+def test_auto_is_accepted_everywhere_precision_is(tiny_model, smol_tokenizer):
+    from ragloop.models.cpu import AUTO_PRECISION, detect_cpu
+
+    pol = LocalPolicy.from_model(tiny_model, smol_tokenizer, name="tiny", precision="auto")
+    assert pol.requested_precision == "auto"
+    assert pol.precision == AUTO_PRECISION[detect_cpu().capability]["other"]  # random weights: off the 4-bit grid
+    assert LocalPolicy.from_model(tiny_model, smol_tokenizer, backend="hf", precision="auto").precision == "fp32"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("precision", ["auto", "bf16", "int4"])
+def test_real_model_generates_with_each_precision_from_the_cli(capsys, precision):
+    """The acceptance check of issue 9 (`ragloop generate "Hi" --precision ...` on any CPU), on the real model."""
+    import json
+
+    from ragloop.models.cpu import resolve_precision
+
+    rc = main(["generate", "Hi", "--precision", precision, "--greedy", "--max-tokens", "4", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    got = json.loads(out.out)
+    assert got["precision"] == resolve_precision(precision, q4_grid=True)  # the embedded GGUF is Q4_1
+    assert got["candidates"][0]["num_tokens"] >= 1
