@@ -15,8 +15,9 @@ retries connection errors, 408, 409, 429 and 5xx). Errors are one line: an unrea
 with the server's own message, a model the server does not serve (with the ones it does).
 
 What needs the server's tokenizer — ``tokenize``, ``detokenize``, ``count_tokens`` and ``render`` (the chat
-template, which ReAct/PAL prefill) — uses vLLM's ``/tokenize`` and ``/detokenize`` and llama.cpp's
-``/apply-template`` (``ragloop serve`` has all three). Where a server lacks ``/tokenize``, ``count_tokens``
+template, which ReAct/PAL prefill) — uses ``/tokenize`` and ``/detokenize`` (vLLM's ``prompt`` and
+llama.cpp's ``content`` fields are both sent and read) and llama.cpp's ``/apply-template`` (``ragloop serve``
+has all three). Where a server lacks ``/tokenize``, ``count_tokens``
 falls back to an estimate of 4 characters per token (logged once). ``score`` (teacher-forced
 log-probabilities, used by the RLAIF/CAI judge) needs ``echo`` with logprobs on ``/v1/completions`` (vLLM).
 Training needs local weights: ``policy.model`` raises a UsageError that says so.
@@ -231,7 +232,7 @@ class OpenAIPolicy:
                               "server or ragloop serve; chat-only agents work on any server")
 
     def tokenize(self, text: str) -> list[int]:
-        out = self._post("/tokenize", {"prompt": text, "add_special_tokens": False})
+        out = self._post("/tokenize", {"prompt": text, "content": text, "add_special_tokens": False})
         if out is None:
             raise UsageError(f"{self.base_url} has no /tokenize endpoint; token ids are not available")
         return [int(t) for t in out["tokens"]]
@@ -240,11 +241,11 @@ class OpenAIPolicy:
         out = self._post("/detokenize", {"tokens": [int(i) for i in ids]})
         if out is None:
             raise UsageError(f"{self.base_url} has no /detokenize endpoint")
-        return str(out["prompt"])
+        return str(out["prompt"] if "prompt" in out else out.get("content", ""))  # vLLM | llama.cpp
 
     def count_tokens(self, prompt: Prompt) -> int:
         body: dict[str, Any] = (
-            {"prompt": prompt, "add_special_tokens": False} if isinstance(prompt, str)
+            {"prompt": prompt, "content": prompt, "add_special_tokens": False} if isinstance(prompt, str)
             else {"messages": as_messages(prompt), "add_generation_prompt": True}
         )
         out = self._post("/tokenize", body)
