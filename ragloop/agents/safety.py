@@ -75,10 +75,10 @@ def neutralize_control(text: str, *, keep_newlines: bool = True) -> str:
 
 
 def escape_display(text: str) -> str:
-    """One terminal-safe line: escape sequences removed, every control, line-break and bidi character shown
-    as an escape. ``escape_display("a\nb\u202ec") -> 'a\\nb\\u202ec'`` (a file name with a newline stays on
-    its line; a right-to-left override cannot reorder what follows it)."""
-    text = _ANSI_RE.sub("", text)
+    """One terminal-safe line for names and values: every control (ESC included, so an escape sequence shows as
+    its text), line-break and bidi character shown as an escape — nothing removed, so the name stays exact.
+    ``escape_display("a\nb\u202ec") -> 'a\\nb\\u202ec'`` (a file name with a newline stays on its line; a
+    right-to-left override cannot reorder what follows it)."""
 
     def visible(m: re.Match[str]) -> str:
         ch = m.group(0)

@@ -10,15 +10,12 @@ error (bad option, path not found, nothing to index), 5 index problem (damaged, 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from typing import Any
 
 import typer
 
 from ragloop.core.errors import UsageError
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 INDEX_HELP = (
     "Index name or path. A bare name such as 'mydocs' means $RAGLOOP_HOME/indexes/mydocs "
@@ -31,8 +28,11 @@ EMBEDDER_HELP = (
 
 
 def _safe(text: str) -> str:
-    """``_safe("a\\x1b[2J") -> "a\\\\x1b[2J"``: no escape sequence from a file reaches the terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``_safe("a\\nb\\x1b[2J") -> "a\\\\nb"``: one line, no escape sequence, control or bidi character from a file
+    name or a document reaches the terminal (a newline in a file name no longer breaks the line)."""
+    from ragloop.agents.safety import escape_display
+
+    return escape_display(text)
 
 
 def _embedder(value: str | None) -> Any:
@@ -77,6 +77,8 @@ def _print_summary(s: Any) -> None:
                 typer.echo(f"  {reason}: {_safe(p)}")
             if len(paths) > 5:
                 typer.echo(f"  {reason}: ... and {len(paths) - 5} more (--json lists all)")
+    for w in s.warnings:
+        typer.echo(f"warning: {_safe(w)}", err=True)
     if s.errors:
         typer.echo(f"errors {len(s.errors)} (these files were not indexed):", err=True)
         for e in s.errors:
@@ -97,6 +99,11 @@ def index_cmd(
     include_hidden: bool = typer.Option(False, "--include-hidden", help="Index dot-files and dot-directories."),
     max_file_mb: float = typer.Option(50.0, "--max-file-mb", help="Skip files larger than this (MiB)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-chunk and re-embed everything (new embedder or chunk size, damaged index)."),
+    sign: bool = typer.Option(False, "--sign", help="Sign the manifest with HMAC-SHA256 and the local key "
+                              "$RAGLOOP_HOME/index.key (created 0600): tampering then needs the key. Checked "
+                              "automatically on every load; later updates stay signed. See docs/INDEX.md."),
+    warn_chunks: int = typer.Option(5000, "--warn-chunks", help="Warn, before embedding, about a file cut into "
+                                    "more chunks than this (0 = never)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or stats / verify report) as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     list_all: bool = typer.Option(False, "--list", help="List the indexes under $RAGLOOP_HOME/indexes with "
@@ -142,10 +149,21 @@ def index_cmd(
                        f"(all generations {report['total_bytes'] / 1e6:.2f} MB)\ngenerations "
                        + ", ".join(g["generation"] + (" (current)" if g["current"] else "") for g in report["generations"]))
         else:
-            typer.echo(f"ok: {_safe(report['index'])} {report['current']}: {report['documents']} documents, "
-                       f"{report['chunks']} chunks, all hashes, counts and dimensions check out")
+            if report["fallback"]:
+                typer.echo(f"DAMAGED: {_safe(report['index'])} current generation {report['current']}; searches "
+                           f"are served from {report['served']} (the last intact generation): "
+                           f"{report['documents']} documents, {report['chunks']} chunks")
+            else:
+                typer.echo(f"ok: {_safe(report['index'])} {report['current']}: {report['documents']} documents, "
+                           f"{report['chunks']} chunks, all hashes, counts and dimensions check out")
+            typer.echo(f"  signature: {report['signature']}")
             for g, status in report["generations"].items():
-                typer.echo(f"  {g}: {status}")
+                typer.echo(f"  {g}: {_safe(status)}")
+        if verify and report["fallback"]:
+            from ragloop.core.errors import IndexStoreError
+
+            raise IndexStoreError(f"generation {report['current']} of {_safe(str(root))} is damaged; serving "
+                                  f"{report['served']}", hint=f"re-create it: ragloop index PATHS --index {index} --rebuild")
         return
     if not paths:
         raise UsageError("give files or directories to index", hint="ragloop index ./docs --index mydocs")
@@ -162,7 +180,8 @@ def index_cmd(
                                   chunk_overlap if chunk_overlap is not None else defaults.chunk_overlap)
     config = IndexConfig(chunking=chunking, faiss=FaissConfig(kind=faiss_kind) if faiss_kind else None,
                          max_file_bytes=int(max_file_mb * 1024 * 1024), follow_symlinks=follow_symlinks,
-                         include_hidden=include_hidden, rebuild=rebuild)
+                         include_hidden=include_hidden, rebuild=rebuild, sign=sign,
+                         warn_chunks_per_file=max(0, warn_chunks))
     if quiet:
         from ragloop.cli.progress import quiet_libraries
 

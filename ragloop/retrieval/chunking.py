@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +72,7 @@ def chunk_id_for(doc_id: str, content_hash: str, signature: str, ordinal: int) -
 class TokenCounter:
     """Token length of a string as the sum of cached per-word counts (see the module docstring)."""
 
-    def __init__(self, count_batch: Callable[[Sequence[str]], list[int]], max_cache: int = 500_000) -> None:
+    def __init__(self, count_batch: Callable[[Sequence[str]], list[int]], max_cache: int = 100_000) -> None:
         self._count_batch = count_batch
         self._cache: dict[str, int] = {}
         self._max_cache = max_cache
@@ -127,6 +127,8 @@ def _with_offsets(text: str, pieces: list[str]) -> list[tuple[str, int]]:
 class Chunker:
     """Cuts ``SourceDocument``s into ``Chunk``s for one embedder's tokenizer and window."""
 
+    BLOCK_CHARS = 200_000  # text split at a time (see iter_split); ~200 chunks of 200 MiniLM tokens
+
     def __init__(
         self,
         config: ChunkingConfig,
@@ -164,8 +166,36 @@ class Chunker:
 
     def split_text(self, text: str, language: str | None = None) -> list[tuple[str, int]]:
         """(chunk text, start offset in ``text``) pairs, every chunk within the embedder window."""
+        return list(self.iter_split(text, language))
+
+    def _split_block(self, text: str, language: str | None) -> list[tuple[str, int]]:
         self._counter.prime(text)
         return self._enforce_window(_with_offsets(text, self._splitter(language).split_text(text)))
+
+    def iter_split(self, text: str, language: str | None = None) -> Iterator[tuple[str, int]]:
+        """``split_text`` as a stream: the text is cut into blocks of about ``BLOCK_CHARS`` (at a line break or
+        space when there is one), each block is split on its own, and the last chunk of a block is redone as
+        the start of the next one, so chunks and overlaps run on across blocks. Working memory is bounded
+        by the block, not the text: a 50 MB single-line file no longer builds millions of word strings at once
+        (the splitter measures every word). A text shorter than a block is split exactly as before."""
+        start, n = 0, len(text)
+        while start < n:
+            end = n if n - start <= self.BLOCK_CHARS else self._block_end(text, start)
+            pieces = self._split_block(text[start:end], language)
+            if end >= n or len(pieces) < 2:
+                yield from ((p, start + off) for p, off in pieces)
+                start = end
+                continue
+            yield from ((p, start + off) for p, off in pieces[:-1])
+            start += max(pieces[-1][1], 1)  # the last chunk is redone with the text that follows it
+
+    def _block_end(self, text: str, start: int) -> int:
+        hard = start + self.BLOCK_CHARS
+        for sep in ("\n\n", "\n", " "):
+            cut = text.rfind(sep, start + self.BLOCK_CHARS // 2, hard)
+            if cut > start:
+                return cut + len(sep)
+        return hard
 
     def _enforce_window(self, pieces: list[tuple[str, int]]) -> list[tuple[str, int]]:
         if self.additive:
@@ -198,19 +228,22 @@ class Chunker:
 
     def chunk(self, doc: SourceDocument) -> list[Chunk]:
         """All chunks of a document, in order, with source/title/page/line metadata."""
-        chunks: list[Chunk] = []
+        return list(self.iter_chunks(doc))
+
+    def iter_chunks(self, doc: SourceDocument) -> Iterator[Chunk]:
+        """The chunks of a document as a stream (see ``iter_split``), in order."""
+        ordinal = 0
         language = doc.metadata.get("language")
         for seg in doc.segments:
-            newlines = [i for i, c in enumerate(seg.text) if c == "\n"]
             first_line = seg.metadata.get("line")
-            for text, start in self.split_text(seg.text, language):
+            newlines = [i for i, c in enumerate(seg.text) if c == "\n"] if first_line is not None else []
+            for text, start in self.iter_split(seg.text, language):
                 meta: dict[str, Any] = {"source": doc.source, "title": doc.title}
                 meta.update({k: v for k, v in seg.metadata.items() if k != "line"})
                 if first_line is not None:
                     line_start = first_line + bisect.bisect_right(newlines, start - 1)
                     meta["line_start"] = line_start
                     meta["line_end"] = line_start + text.count("\n")
-                ordinal = len(chunks)
-                chunks.append(Chunk(chunk_id_for(doc.doc_id, doc.content_hash, self.signature, ordinal),
-                                    doc.doc_id, ordinal, text, meta))
-        return chunks
+                yield Chunk(chunk_id_for(doc.doc_id, doc.content_hash, self.signature, ordinal), doc.doc_id,
+                            ordinal, text, meta)
+                ordinal += 1

@@ -42,11 +42,14 @@ from ragloop.retrieval.loaders import (
 from ragloop.retrieval.store import (
     BM25_DIR,
     DOCSTORE,
+    LOCK,
+    POINTER,
     VECTORS,
     Counts,
     GenerationPayload,
     Snapshot,
     StoreOps,
+    generation_dirs,
     load_snapshot,
     read_pointer,
     resolve_index_path,
@@ -73,6 +76,8 @@ class IndexConfig:
     include_hidden: bool = False  # dot-files and dot-directories (.git, .venv, ...)
     rebuild: bool = False  # ignore the current generation: re-chunk and re-embed everything
     embed_batch: int = 512  # chunks per embedding call (progress granularity; sorting by length is per call)
+    warn_chunks_per_file: int = 5000  # warn (before embedding) about a file cut into more chunks; 0 = never
+    sign: bool = False  # write an HMAC-signed manifest (store.py: keyed tamper evidence); signed indexes stay so
 
 
 class ProblemReport(BaseModel):
@@ -96,6 +101,7 @@ class IndexSummary(BaseModel):
     chunks_embedded: int = 0
     skipped: dict[str, list[str]] = {}
     errors: list[ProblemReport] = []
+    warnings: list[str] = []  # e.g. a file cut into very many chunks (said before embedding it)
     embedder: str = ""
     seconds: float = 0.0
 
@@ -255,23 +261,45 @@ def _update(
 ) -> IndexSummary:
     started = time.perf_counter()
     _check_target(run.root)
-    with writer_lock(run.root):
-        old = None
-        if read_pointer(run.root) is not None and not config.rebuild:
-            old = load_snapshot(run.root)
-        try:
-            return _update_locked(run, old, embedder, config, progress, store_ops, what, allow_only_removals,
-                                  started)
-        finally:
-            if old is not None:
-                old.docstore.close()
+    created = not run.root.exists()
+    try:
+        with writer_lock(run.root):
+            old = None
+            if not config.rebuild and read_pointer(run.root) is not None:
+                old = load_snapshot(run.root)  # a damaged current generation: its last intact one
+            try:
+                return _update_locked(run, old, embedder, config, progress, store_ops, what, allow_only_removals,
+                                      started)
+            finally:
+                if old is not None:
+                    old.docstore.close()
+    except BaseException:
+        _clean_failed_new_index(run.root, created)
+        raise
+
+
+def _clean_failed_new_index(root: Path, created: bool) -> None:
+    """A first run that failed (nothing to index, bad input, Ctrl-C) leaves no LOCK or directory behind."""
+    try:
+        if (root / POINTER).exists() or generation_dirs(root):
+            return
+        (root / LOCK).unlink(missing_ok=True)
+        (root / f"{POINTER}.tmp").unlink(missing_ok=True)
+        if created:
+            root.rmdir()  # only if empty: never removes anything the user put there
+    except OSError:
+        pass
 
 
 def _check_target(root: Path) -> None:
     """A new index goes into a missing or empty directory: never litter (or later index) a user's folder."""
     if root.exists() and not root.is_dir():
         raise UsageError(f"index path {root} exists and is not a directory", hint="choose another --index")
-    if root.is_dir() and read_pointer(root) is None:
+    try:
+        has_pointer = read_pointer(root) is not None
+    except IndexStoreError:  # a damaged pointer: it is an index (--rebuild repairs it, loading says so)
+        has_pointer = True
+    if root.is_dir() and not has_pointer:
         strangers = [p.name for p in root.iterdir()
                      if p.name not in ("LOCK", "CURRENT.tmp") and not p.name.startswith("gen-")]
         if strangers:
@@ -350,6 +378,14 @@ def _update_locked(
         chunker = Chunker(chunking, embedder.count_tokens, embedder.max_tokens,
                           additive=bool(getattr(embedder, "token_counts_additive", False)))
         new_chunks = {d.doc_id: chunker.chunk(d) for d in new_docs}
+        limit = config.warn_chunks_per_file
+        for d in new_docs:
+            n = len(new_chunks[d.doc_id])
+            if limit and n > limit:
+                msg = (f"{d.doc_id} is cut into {n} chunks (more than {limit}); embedding them all takes a while — "
+                       "is it really one document? (--warn-chunks N sets the threshold)")
+                log.warning("%s", msg)  # said before the embedding starts, so a long run can be stopped
+                summary.warnings.append(msg)
     flat = [c for d in new_docs for c in new_chunks[d.doc_id]]
     new_vecs = _embed(embedder, [c.text for c in flat], config.embed_batch, progress) if flat else None  # (M, D)
     pos_of_new = {c.chunk_id: i for i, c in enumerate(flat)}
@@ -403,7 +439,8 @@ def _update_locked(
     for c, toks in zip(todo, tokenizer([c.text for c in todo]), strict=True):
         c.bm25_tokens = " ".join(toks)
     payload = _payload(doc_records, chunk_records, vectors, spec, chunking, faiss_cfg, bm25_cfg)
-    number = save_generation(run.root, payload, store_ops)
+    number = save_generation(run.root, payload, store_ops, keep=old.generation if old is not None else None,
+                             sign=True if config.sign else None)
     summary.generation = f"gen-{number:06d}"
     summary.changed = True
     summary.documents = len(doc_records)

@@ -188,7 +188,7 @@ class Retriever:
     def refresh(self) -> bool:
         """Move to the newest generation if the index changed; True when it did."""
         ptr = read_pointer(self.path)
-        if ptr is None or ptr.generation == self.generation:
+        if ptr is None or ptr.generation in (self.generation, self._snap.fallback_from):  # unchanged (or still damaged)
             return False
         new = load_snapshot(self.path)
         old, self._snap = self._snap, new

@@ -29,10 +29,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +58,9 @@ FORMAT_VERSION = 1
 POINTER = "CURRENT"
 LOCK = "LOCK"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # optional: HMAC-SHA256 of manifest.json with the local key (``--sign``)
+KEY_FILE = "index.key"
+SIGNED_REGISTRY = "signed-indexes.json"
 VECTORS = "vectors.faiss"
 DOCSTORE = "docstore.sqlite"
 BM25_DIR = "bm25"
@@ -247,6 +252,120 @@ def generation_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Keyed manifest (opt-in tamper evidence)
+#
+# The sha256 hashes in the manifest and pointer catch accidental damage (a torn write, a flipped bit, a
+# truncated copy); anyone who can write the index can recompute them. A signed index also carries
+# manifest.sig = HMAC-SHA256(key, manifest.json) (RFC 2104, Python's hmac) with a 32-byte key that never leaves
+# ~/.ragloop/index.key (created 0600): editing any file then needs the key. Stripping the signature is caught
+# for indexes this key signed (they are listed next to the key, in signed-indexes.json). Not promised: a
+# rollback to an older generation signed with the same key, or an attacker who can read the key.
+
+
+def key_path() -> Path:
+    """The local index key: ``$RAGLOOP_INDEX_KEY`` or ``ragloop_home()/index.key``."""
+    env = os.environ.get("RAGLOOP_INDEX_KEY")
+    return Path(env).expanduser() if env else ragloop_home() / KEY_FILE
+
+
+def load_key(*, create: bool = False) -> bytes:
+    """The index key (32 random bytes, stored hex). ``create``: make one (mode 0600) if there is none."""
+    path = key_path()
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        if not create:
+            raise IndexStoreError(f"this index is signed but there is no key at {path}",
+                                  hint="restore the key file, or re-create the index with --rebuild") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it meanwhile
+            return load_key()
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(secrets.token_hex(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("created the index signing key %s (mode 0600)", path)
+        return load_key()
+    except (OSError, UnicodeDecodeError) as e:
+        raise IndexStoreError(f"cannot read the index key {path}: {e}") from None
+    if path.stat().st_mode & 0o077:
+        raise IndexStoreError(f"the index key {path} is readable by other users",
+                              hint=f"chmod 600 {path}")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise IndexStoreError(f"the index key {path} is not a hex key of 16+ bytes",
+                              hint="move it away; the next `ragloop index --sign` creates a new one")
+    return key
+
+
+def _key_id(key: bytes) -> str:
+    return hashlib.sha256(b"ragloop-index-key-id:" + key).hexdigest()[:16]
+
+
+def signature_bytes(key: bytes, manifest_bytes: bytes) -> bytes:
+    """``manifest.sig``: ``{"alg": "HMAC-SHA256", "key_id": …, "mac": hex}`` over the manifest's bytes."""
+    mac = hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
+    return (json.dumps({"alg": "HMAC-SHA256", "key_id": _key_id(key), "mac": mac}) + "\n").encode("ascii")
+
+
+def _registry_path() -> Path:
+    return key_path().with_name(SIGNED_REGISTRY)
+
+
+def _signed_roots() -> set[str]:
+    try:
+        data = json.loads(_registry_path().read_text(encoding="utf-8"))
+        return {str(p) for p in data.get("indexes", [])}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def is_registered_signed(root: Path) -> bool:
+    """Whether this machine's key signed the index at ``root`` (its signature is then required)."""
+    return str(root.resolve()) in _signed_roots()
+
+
+def register_signed(root: Path) -> None:
+    roots = _signed_roots() | {str(root.resolve())}
+    path = _registry_path()
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"indexes": sorted(roots)}, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_signature(root: Path, gen_dir: Path, manifest_bytes: bytes) -> str | None:
+    """Verify ``manifest.sig`` when there is one (or when this key signed the index); returns the key id of a
+    valid signature, None for an unsigned index. A bad or missing signature is an ``IndexStoreError``."""
+    sig_path = gen_dir / SIGNATURE
+    try:
+        raw = sig_path.read_bytes()
+    except FileNotFoundError:
+        if is_registered_signed(root):
+            raise IndexStoreError(f"{gen_dir} has no {SIGNATURE}, but this index was signed with your key: "
+                                  "its files were replaced or the signature removed", hint=_rebuild_hint(root)) from None
+        return None
+    try:
+        sig = json.loads(raw)
+        alg, key_id, mac = sig["alg"], sig["key_id"], sig["mac"]
+    except (ValueError, KeyError, TypeError):
+        raise IndexStoreError(f"the signature {sig_path} is damaged", hint=_rebuild_hint(root)) from None
+    key = load_key()
+    if alg != "HMAC-SHA256" or key_id != _key_id(key):
+        raise IndexStoreError(f"{sig_path} was made with another key ({key_id}; yours is {_key_id(key)})",
+                              hint="use the key that signed it (RAGLOOP_INDEX_KEY), or re-index with --rebuild")
+    expected = hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(str(mac), expected):
+        raise IndexStoreError(f"the manifest of {gen_dir} does not match its signature: the index was changed "
+                              "without the key", hint=_rebuild_hint(root))
+    return key_id
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Saving
 
 
@@ -263,21 +382,30 @@ class GenerationPayload:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def save_generation(root: Path, payload: GenerationPayload, ops: StoreOps | None = None) -> int:
+def save_generation(
+    root: Path, payload: GenerationPayload, ops: StoreOps | None = None, *, keep: str | None = None,
+    sign: bool | None = None,
+) -> int:
     """Write ``payload`` as a new generation and make it current; returns its number.
 
     The caller holds ``writer_lock(root)``. On any error before the pointer is replaced, the partial
-    generation is removed and the previous one stays current, untouched.
+    generation is removed and the previous one stays current, untouched. Afterwards one older generation
+    is kept — ``keep`` (the generation the caller loaded and verified), else the newest one that verifies —
+    and the others are removed: a damaged generation is never kept in place of the last good one.
+    ``sign``: write ``manifest.sig`` (HMAC-SHA256 with the local key); None = sign if the index is signed.
     """
     ops = ops or StoreOps()
     for rel in payload.files:
         if not _FILE_RE.match(rel):
             raise ValueError(f"unexpected index file name {rel!r}")
-    ptr = read_pointer(root)
+    try:
+        ptr, pointer_ok = read_pointer(root), True
+    except IndexStoreError:  # a damaged pointer (--rebuild repairs it): nothing is known to be unpublished
+        ptr, pointer_ok = None, False
     current = int(_GEN_RE.match(ptr.generation).group(1)) if ptr else None  # type: ignore[union-attr]
     # Leftovers of crashed writers: any generation newer than the current one was never published.
     for num, path in generation_dirs(root):
-        if current is None or num > current:
+        if pointer_ok and (current is None or num > current):
             log.info("removing unpublished generation %s left by an interrupted writer", path)
             ops.remove_tree(path)
     gens = generation_dirs(root)
@@ -301,6 +429,8 @@ def save_generation(root: Path, payload: GenerationPayload, ops: StoreOps | None
         )
         manifest_bytes = (json.dumps(manifest.model_dump(), indent=1, sort_keys=True) + "\n").encode("utf-8")
         ops.write_file(gen_dir / MANIFEST, manifest_bytes)
+        if sign or (sign is None and is_registered_signed(root)):
+            ops.write_file(gen_dir / SIGNATURE, signature_bytes(load_key(create=True), manifest_bytes))
         if (gen_dir / BM25_DIR).is_dir():
             ops.fsync_dir(gen_dir / BM25_DIR)
         ops.fsync_dir(gen_dir)
@@ -320,14 +450,37 @@ def save_generation(root: Path, payload: GenerationPayload, ops: StoreOps | None
         ops.fsync_dir(root)
     except OSError as e:
         raise IndexStoreError(f"could not publish generation {gen_dir.name} of {root}: {e.strerror or e}") from None
-    # Keep the previous generation (readers may still be loading it); drop anything older.
-    for num, path in generation_dirs(root):
-        if num != number and num != current:
+    if sign:
+        register_signed(root)
+    # Keep the last good previous generation (readers may still be loading it; it is the fallback if the new
+    # one is ever damaged); drop the others, damaged ones included.
+    older = [(num, path) for num, path in reversed(generation_dirs(root)) if num != number]
+    kept = keep if keep is not None and any(p.name == keep for _, p in older) else None
+    if kept is None:
+        kept = next((p.name for _, p in older if generation_intact(root, p)), None)
+    for _num, path in older:
+        if path.name != kept:
             try:
                 ops.remove_tree(path)
             except OSError as e:  # garbage collection is best effort
                 log.warning("could not remove old generation %s: %s", path, e)
     return number
+
+
+def generation_intact(root: Path, gen_dir: Path) -> bool:
+    """Whether a generation's manifest parses, its signature (if the index is signed) holds and every file
+    matches its recorded size and sha256 (a cheap check: no FAISS or SQLite load)."""
+    try:
+        manifest_bytes = (gen_dir / MANIFEST).read_bytes()
+        check_signature(root, gen_dir, manifest_bytes)
+        manifest = Manifest.model_validate_json(manifest_bytes)
+        for rel, entry in manifest.files.items():
+            if not _FILE_RE.match(rel):
+                return False
+            _read_verified(gen_dir, rel, entry, root)
+    except (OSError, ValidationError, IndexStoreError):
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,7 +489,10 @@ def save_generation(root: Path, payload: GenerationPayload, ops: StoreOps | None
 
 @dataclass
 class Snapshot:
-    """One loaded, verified generation: everything in memory, independent of later writes."""
+    """One loaded, verified generation: everything in memory, independent of later writes.
+
+    ``fallback_from`` names the current generation when it was damaged and this older, intact one is
+    served instead (``fallback_reason`` says what was wrong with it)."""
 
     root: Path
     generation: str
@@ -344,6 +500,8 @@ class Snapshot:
     faiss: Any
     docstore: DocStore
     bm25: Any
+    fallback_from: str | None = None
+    fallback_reason: str | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -366,13 +524,16 @@ def _read_verified(gen_dir: Path, rel: str, entry: FileEntry, root: Path) -> byt
     return data
 
 
-def _load_generation(root: Path, ptr: Pointer) -> Snapshot:
-    gen_dir = root / ptr.generation
+def _load_generation(root: Path, ptr: Pointer | None, gen_name: str | None = None) -> Snapshot:
+    """Load and verify one generation: the pointer's (its manifest hash must match), or ``gen_name`` (an older
+    generation, whose manifest is checked by its own hashes, its signature and the counts)."""
+    gen_dir = root / (ptr.generation if ptr is not None else str(gen_name))
     manifest_path = gen_dir / MANIFEST
     manifest_bytes = manifest_path.read_bytes()  # FileNotFoundError -> caller retries
-    if _sha256(manifest_bytes) != ptr.manifest_sha256:
+    if ptr is not None and _sha256(manifest_bytes) != ptr.manifest_sha256:
         raise IndexStoreError(f"the manifest {manifest_path} is damaged (sha256 differs from {POINTER})",
                               hint=_rebuild_hint(root))
+    check_signature(root, gen_dir, manifest_bytes)
     try:
         manifest = Manifest.model_validate_json(manifest_bytes)
     except ValidationError as e:
@@ -410,14 +571,40 @@ def _load_generation(root: Path, ptr: Pointer) -> Snapshot:
         docstore.close()
         raise IndexStoreError(f"index {what} is inconsistent: {'; '.join(problems)}", hint=_rebuild_hint(root))
     faiss_index.configure_search(index, faiss_index.FaissConfig(**manifest.faiss))
-    return Snapshot(root, ptr.generation, manifest, index, docstore, bm25)
+    return Snapshot(root, gen_dir.name, manifest, index, docstore, bm25)
 
 
-def load_snapshot(root: Path, *, attempts: int = 3) -> Snapshot:
+def _generation_number(name: str) -> int:
+    m = _GEN_RE.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def _load_fallback(root: Path, ptr: Pointer, damage: str) -> Snapshot | None:
+    """The newest intact generation older than the damaged current one, or None when there is none.
+
+    Only *older* generations qualify: a newer one was never published (a crashed writer's leftover)."""
+    current = _generation_number(ptr.generation)
+    for num, path in reversed(generation_dirs(root)):
+        if num >= current:
+            continue
+        try:
+            snap = _load_generation(root, None, path.name)
+        except (OSError, IndexStoreError):
+            continue
+        snap.fallback_from, snap.fallback_reason = ptr.generation, damage
+        log.warning("index %s: generation %s is damaged (%s); serving the previous intact generation %s — "
+                    "re-index to repair it", root, ptr.generation, damage, path.name)
+        return snap
+    return None
+
+
+def load_snapshot(root: Path, *, attempts: int = 3, fallback: bool = True) -> Snapshot:
     """Resolve ``CURRENT`` once and load that generation, verifying hashes, counts and dimensions.
 
     If a concurrent writer garbage-collects the generation while it is being read (the pointer moved on
-    twice meanwhile), the pointer is resolved again.
+    twice meanwhile), the pointer is resolved again. If the current generation is damaged and ``fallback``,
+    the newest intact older generation is served with a warning (``Snapshot.fallback_from``); with none,
+    or with a damaged pointer, the damage is the error.
     """
     if not root.is_dir():
         raise IndexStoreError(f"no index at {root}", hint=f"create it with: ragloop index PATHS --index {root}")
@@ -432,7 +619,12 @@ def load_snapshot(root: Path, *, attempts: int = 3) -> Snapshot:
             again = read_pointer(root)
             if again is not None and again != ptr and attempt + 1 < attempts:
                 continue
-            raise IndexStoreError(f"index file {e.filename} is missing", hint=_rebuild_hint(root)) from None
+            err = IndexStoreError(f"index file {e.filename} is missing", hint=_rebuild_hint(root))
+        except IndexStoreError as e:
+            err = e
+        if fallback and (snap := _load_fallback(root, ptr, err.message)) is not None:
+            return snap
+        raise err from None
     raise AssertionError("unreachable")
 
 
@@ -463,22 +655,24 @@ def index_stats(root: Path) -> dict[str, Any]:
 
 
 def verify_index(root: Path) -> dict[str, Any]:
-    """Full integrity check of the current generation (raises ``IndexStoreError``) and a hash check of the
-    others, reported per generation."""
+    """Full integrity check of the generation a search would be served from (raises ``IndexStoreError`` when
+    none is intact) and a hash check of the others, reported per generation. ``served`` names that
+    generation; when the current one is damaged, ``fallback`` is true and its damage is reported."""
     snap = load_snapshot(root)
     snap.docstore.close()
-    report: dict[str, Any] = {"index": str(root), "current": snap.generation, "documents":
-                              snap.manifest.counts.documents, "chunks": snap.manifest.counts.chunks,
+    signed = check_signature(root, root / snap.generation, (root / snap.generation / MANIFEST).read_bytes())
+    report: dict[str, Any] = {"index": str(root), "current": snap.fallback_from or snap.generation,
+                              "served": snap.generation, "fallback": snap.fallback_from is not None,
+                              "signature": f"ok (HMAC-SHA256, key {signed})" if signed else "none (unsigned index)",
+                              "documents": snap.manifest.counts.documents, "chunks": snap.manifest.counts.chunks,
                               "files_checked": len(snap.manifest.files) + 2, "generations": {}}
     for _, path in generation_dirs(root):
         if path.name == snap.generation:
-            report["generations"][path.name] = "ok (current)"
-            continue
-        try:
-            manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
-            for rel, entry in manifest.files.items():
-                _read_verified(path, rel, entry, root)
-            report["generations"][path.name] = "ok (previous)"
-        except (OSError, ValidationError, IndexStoreError) as e:
-            report["generations"][path.name] = f"damaged or incomplete: {str(e)[:160]}"
+            report["generations"][path.name] = "ok (served, previous: the current one is damaged)" \
+                if snap.fallback_from else "ok (current)"
+        elif path.name == snap.fallback_from:
+            report["generations"][path.name] = f"damaged (current): {str(snap.fallback_reason)[:200]}"
+        else:
+            report["generations"][path.name] = "ok (previous)" if generation_intact(root, path) else \
+                "damaged or incomplete"
     return report
