@@ -32,6 +32,7 @@ from ragloop.agents.prompts import Exemplar, fit_exemplars, load_cot_exemplars, 
 from ragloop.agents.runtime import EpisodeGen, ModelCall
 from ragloop.core.errors import UsageError
 from ragloop.core.trace import Message, Step
+from ragloop.models.grammar import cot_grammar
 from ragloop.models.types import GenerationConfig, Policy, Prompt
 
 ZERO_SHOT_TRIGGER = "Let's think step by step."
@@ -108,6 +109,9 @@ class CoTConfig:
     top_k: int = 40
     seed: int | None = 0
     decoding: GenerationConfig | None = None  # overrides the settings above for a single path
+    # grammar-constrained (number answers only): reasoning lines, then "The answer is N." on its own line
+    # (ragloop.models.grammar.cot_grammar); the exemplars are shown in that layout too
+    constrained: bool = False
 
     def __post_init__(self) -> None:
         if self.shots < 0:
@@ -118,8 +122,18 @@ class CoTConfig:
             raise UsageError(f"prompt_style must be 'raw' or 'chat', got {self.prompt_style!r}")
 
 
-def build_cot_prompt(question: str, exemplars: list[Exemplar], fmt: CoTFormat, style: str) -> Prompt:
-    """The CoT prompt for ``question`` with ``exemplars`` (zero-shot trigger when there are none)."""
+def final_answer_line(answer: str) -> str:
+    """An exemplar's rationale with its ``The answer is N.`` on a line of its own (the constrained layout):
+    ``final_answer_line("2 + 3 = 5. The answer is 5.") -> "2 + 3 = 5.\nThe answer is 5."``."""
+    return re.sub(r"\s+(The answer is)", r"\n\1", answer)
+
+
+def build_cot_prompt(question: str, exemplars: list[Exemplar], fmt: CoTFormat, style: str,
+                     *, final_line: bool = False) -> Prompt:
+    """The CoT prompt for ``question`` with ``exemplars`` (zero-shot trigger when there are none);
+    ``final_line`` shows each exemplar's answer phrase on its own line (what the CoT grammar writes)."""
+    if final_line:
+        exemplars = [Exemplar(e.question, final_answer_line(e.answer), id=e.id) for e in exemplars]
     qp, ap = fmt.question_prefix, fmt.answer_prefix
     if style == "raw":
         parts = [f"{qp}{e.question}\n{ap} {e.answer}\n\n" for e in exemplars]
@@ -136,6 +150,8 @@ def build_cot_prompt(question: str, exemplars: list[Exemplar], fmt: CoTFormat, s
 class CoTAgent(AgentBase):
     """Chain of thought, optionally with self-consistency: ``CoTAgent(policy).run(question) -> Trace``."""
 
+    concurrent_safe = True  # no per-run state on the agent: one instance may run many episodes at once
+
     kind = "cot"
 
     def __init__(self, policy: Policy, config: CoTConfig | None = None, *, on_event: EventHandler | None = None):
@@ -145,14 +161,22 @@ class CoTAgent(AgentBase):
     def _pool(self) -> list[Exemplar]:
         return list(self.config.exemplars) if self.config.exemplars is not None else load_cot_exemplars()
 
+    @property
+    def constrained(self) -> bool:
+        """Constrained decoding applies: asked for, and the format's answer is a number."""
+        return self.config.constrained and self.config.format.answer_kind == "number"
+
     def decoding(self) -> GenerationConfig:
         c = self.config
+        # constrained: the grammar ends the text itself; the format's stop strings ("\n\n\n") could cut a
+        # valid text short, so they are dropped
+        grammar = cot_grammar(max_line_tokens=max(8, c.max_new_tokens // 4 - 8)) if self.constrained else None
+        stop = [] if grammar is not None else list(c.format.stop)
         if c.self_consistency > 1:
             return GenerationConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                    top_k=c.top_k, n=c.self_consistency, seed=c.seed,
-                                    stop=list(c.format.stop))
+                                    top_k=c.top_k, n=c.self_consistency, seed=c.seed, stop=stop, grammar=grammar)
         base = c.decoding or greedy_config(c.max_new_tokens, c.seed)
-        return with_changes(base, n=1, stop=list(dict.fromkeys([*base.stop, *c.format.stop])))
+        return with_changes(base, n=1, stop=list(dict.fromkeys([*base.stop, *stop])), grammar=grammar)
 
     def episode(self, question: str, *, task: str | None = None) -> EpisodeGen:
         if not question or not question.strip():
@@ -163,7 +187,8 @@ class CoTAgent(AgentBase):
         pool = self._pool() if c.shots else []
         chosen = select_exemplars(pool, min(c.shots, len(pool)), query=question, embedder=c.embedder) if c.shots else []
         kept, prompt = fit_exemplars(
-            chosen, lambda ex: build_cot_prompt(question, ex, c.format, c.prompt_style), self.policy,
+            chosen, lambda ex: build_cot_prompt(question, ex, c.format, c.prompt_style, final_line=self.constrained),
+            self.policy,
             reserve_tokens=cfg.max_new_tokens,
         )
         trace = self._new_trace(question, cfg, task=task, meta={

@@ -32,6 +32,7 @@ from ragloop.agents.runtime import EpisodeGen, ModelCall
 from ragloop.agents.safety import injection_flags, wrap_observation
 from ragloop.core.errors import UsageError
 from ragloop.core.trace import Message, Step
+from ragloop.models.grammar import pal_grammar
 from ragloop.models.types import GenerationConfig, Policy, Prompt
 
 CHAT_SYSTEM_FALLBACK = "You will write python program to solve math problems. You will only write code blocks."
@@ -51,6 +52,7 @@ class PALConfig:
     top_p: float = 0.95
     seed: int | None = 0
     decoding: GenerationConfig | None = None
+    constrained: bool = False  # grammar-constrained program (ragloop.models.grammar.pal_grammar)
 
     def __post_init__(self) -> None:
         if self.shots < 0:
@@ -154,6 +156,8 @@ def _docstring_line(question: str) -> str:
 class PALAgent(AgentBase):
     """``PALAgent(policy).run(question) -> Trace``; programs run in ``sandbox`` (default: a new Sandbox)."""
 
+    concurrent_safe = True  # no per-run state on the agent: one instance may run many episodes at once
+
     kind = "pal"
 
     def __init__(self, policy: Policy, config: PALConfig | None = None, *, sandbox: Any = None,
@@ -191,11 +195,13 @@ class PALAgent(AgentBase):
         c = self.config
         stops = ["\n\n\n", "\nQ:", "\n# solution in Python", "\nif __name__", "\nprint("]
         stops.append("\n```")
+        # the grammar's programs never contain these stops (every body line is indented), so they agree
+        grammar = pal_grammar(prefilled=c.prefill) if c.constrained else None
         if c.self_consistency > 1:
             return GenerationConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                    n=c.self_consistency, seed=c.seed, stop=stops)
+                                    n=c.self_consistency, seed=c.seed, stop=stops, grammar=grammar)
         base = c.decoding or greedy_config(c.max_new_tokens, c.seed)
-        return with_changes(base, n=1, stop=list(dict.fromkeys([*base.stop, *stops])))
+        return with_changes(base, n=1, stop=list(dict.fromkeys([*base.stop, *stops])), grammar=grammar)
 
     # ------------------------------------------------------------------------------------- run
     def episode(self, question: str, *, context: str | None = None, task: str | None = None) -> EpisodeGen:

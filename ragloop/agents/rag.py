@@ -179,6 +179,8 @@ def best_sentence(question: str, passage: str) -> str:
 class RAGAgent(AgentBase):
     """Retrieve the top passages, answer from them, cite them: ``RAGAgent(policy, retriever).run(q) -> Trace``."""
 
+    concurrent_safe = True  # no per-run state on the agent: one instance may run many episodes at once
+
     kind = "rag"
 
     def __init__(self, policy: Policy, retriever: Any, config: RAGConfig | None = None, *,

@@ -211,12 +211,15 @@ def run_episodes(
 
     At most ``batch_size`` episodes are in flight; a finished one's slot is refilled at once. Model calls go
     to ``policy.submit`` (the decode engine) when the policy has one, else to ``policy.generate`` in the
-    thread pool. Episode code runs in a pool of ``workers`` threads.
+    thread pool (concurrently only for a policy that says ``thread_safe = True``, e.g. an HTTP client).
+    Episode code runs in a pool of ``workers`` threads.
     """
     eps = list(episodes)
     limit = max(1, batch_size or default_batch_size())
     traces: list[Trace | None] = [None] * len(eps)
     engine_policy = hasattr(policy, "submit")
+    if not engine_policy and not getattr(policy, "thread_safe", False):
+        limit = 1  # e.g. a scripted policy answers in call order: one episode at a time keeps that order
     todo = list(range(len(eps)))[::-1]  # a stack: pop() takes the next in input order
     running: dict[Future, int] = {}  # episode code (start/step) in the pool → episode index
     decoding: dict[Any, int] = {}  # engine tickets (or pool futures of policy.generate) → episode index

@@ -52,6 +52,18 @@ def _shared(*parts: str) -> str:
     return str(shared_data_dir().joinpath(*parts))
 
 
+CONSTRAINED_HELP = ("Grammar-constrained decoding: ReAct actions, PAL programs and CoT answers valid by "
+                    "construction (default: on for the embedded model, off for other policies).")
+
+
+def resolve_constrained(flag: bool | None, policy_spec: str | None) -> bool:
+    """``--constrained/--no-constrained`` as given, else on for the embedded default model only (a grammar
+    needs the local tokenizer; other models keep their own format habits)."""
+    if flag is not None:
+        return flag
+    return policy_spec in (None, "", "default")
+
+
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
@@ -72,6 +84,7 @@ def ask_cmd(
     max_steps: int | None = typer.Option(None, "--max-steps", help="ReAct step budget."),
     prompt_style: str | None = typer.Option(None, "--prompt-style", help="chat or raw (no chat template)."),
     action_format: str = typer.Option("text", "--action-format", help="ReAct actions: text (Search[...]) or json."),
+    constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help=CONSTRAINED_HELP),
     seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the trace)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole Trace as JSON on stdout."),
     save: str | None = typer.Option(None, "--save", help="Append the Trace to this JSONL file."),
@@ -85,6 +98,7 @@ def ask_cmd(
     Examples:
       ragloop ask "Does nucleus sampling ever pick a token outside the top-k?" --index mydocs
       ragloop ask "A store sells pens at 3 for $2. How much do 18 pens cost?" --agent pal
+      ragloop ask "What is 17 * 23?" --agent react --tools calculator --no-constrained
     """
     from ragloop.agents.factory import AgentSpec, build_agent
     from ragloop.agents.rag import attach_sources
@@ -112,7 +126,7 @@ def ask_cmd(
     spec = AgentSpec(kind=agent, task=task, shots=shots, self_consistency=self_consistency,  # type: ignore[arg-type]
                      tools=tool_names, temperature=temperature, max_new_tokens=max_new_tokens,
                      max_steps=max_steps, prompt_style=prompt_style, action_format=action_format,  # type: ignore[arg-type]
-                     seed=seed)
+                     seed=seed, constrained=resolve_constrained(constrained, policy))
     retriever = None
     if index:
         if agent not in ("react", "rag"):
@@ -235,7 +249,11 @@ def eval_gsm8k_cmd(
     max_steps: int | None = typer.Option(None, "--max-steps", help="ReAct step budget."),
     prompt_style: str | None = typer.Option(None, "--prompt-style", help="raw or chat."),
     fallback: str = typer.Option("cot-sc", "--fallback", help="ReAct fallback: cot-sc or none."),
+    constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help=CONSTRAINED_HELP),
     as_json: bool = typer.Option(False, "--json", help="Last line: one JSON object of the figures."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, envvar="RAGLOOP_BATCH_SIZE",
+                                          help="Questions run together, their model calls decoded as one batch "
+                                               "(default 32; 1 = one at a time)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-question progress on stderr."),
 ) -> None:
     """GSM8K accuracy of PAL, CoT or ReAct (greedy, fixed seed); writes the traces.
@@ -243,6 +261,7 @@ def eval_gsm8k_cmd(
     Examples:
       ragloop eval gsm8k --agent pal --limit 100
       ragloop eval gsm8k --agent cot --self-consistency 5 --limit 20 --json
+      ragloop eval gsm8k --agent react --limit 20 --no-constrained   # free decoding, as RL explores
     """
     if quiet:
         from ragloop.cli.progress import quiet_libraries
@@ -253,7 +272,8 @@ def eval_gsm8k_cmd(
     cfg = RunConfig(task="gsm8k", agent=agent, data=data or _shared("gsm8k", "test_dev300.jsonl"),  # type: ignore[arg-type]
                     limit=limit, offset=offset, seed=seed, out=out or _default_out("gsm8k", agent, seed), shots=shots,
                     self_consistency=self_consistency, max_new_tokens=max_new_tokens, max_steps=max_steps,
-                    prompt_style=prompt_style, fallback=fallback)  # type: ignore[arg-type]
+                    prompt_style=prompt_style, fallback=fallback, batch_size=batch_size,  # type: ignore[arg-type]
+                    constrained=resolve_constrained(constrained, policy))
     _check_agent(agent)
     report = run_benchmark(cfg, load_policy_spec(policy, precision), progress=_progress(quiet))
     _print_report(report, as_json)
@@ -277,7 +297,11 @@ def eval_claims_cmd(
     max_steps: int | None = typer.Option(None, "--max-steps", help="ReAct step budget."),
     prompt_style: str | None = typer.Option(None, "--prompt-style", help="chat or raw."),
     fallback: str = typer.Option("cot-sc", "--fallback", help="ReAct fallback: cot-sc or none."),
+    constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help=CONSTRAINED_HELP),
     as_json: bool = typer.Option(False, "--json", help="Last line: one JSON object of the figures."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, envvar="RAGLOOP_BATCH_SIZE",
+                                          help="Questions run together, their model calls decoded as one batch "
+                                               "(default 32; 1 = one at a time)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-claim progress on stderr."),
 ) -> None:
     """SciFact claim verification (SUPPORTS / REFUTES / NOT ENOUGH INFO) over a local index; with rag or react
@@ -303,7 +327,8 @@ def eval_claims_cmd(
     cfg = RunConfig(task="claims", agent=agent, data=data or _shared("scifact", "claims_train.csv"),  # type: ignore[arg-type]
                     limit=limit, offset=offset, seed=seed, out=out or _default_out("claims", agent, seed), shots=shots,
                     max_new_tokens=max_new_tokens, max_steps=max_steps, prompt_style=prompt_style,
-                    fallback=fallback, extra_settings={"index": index})  # type: ignore[arg-type]
+                    fallback=fallback, batch_size=batch_size, extra_settings={"index": index},  # type: ignore[arg-type]
+                    constrained=resolve_constrained(constrained, policy))
     report = run_benchmark(cfg, load_policy_spec(policy, precision), retriever=retriever, progress=_progress(quiet))
     _print_report(report, as_json)
 

@@ -255,23 +255,54 @@ def run_examples(
     task: Literal["gsm8k", "claims"],
     out: str | Path | None = None,
     progress: ProgressFn | None = None,
+    batch_size: int | None = None,
 ) -> tuple[list[Trace], float]:
-    """Run ``agent`` on every example, scoring and (optionally) appending each Trace to ``out``."""
-    traces: list[Trace] = []
+    """Run the agent on every example as episodes stepped together (``ragloop.agents.runtime``), scoring
+    each Trace and (optionally) appending it to ``out`` as it finishes; returns them in input order.
+
+    ``agent`` is an agent or a zero-argument factory of agents. A factory gives every episode its own agent
+    (ReAct's tools keep per-run state); one agent instance is shared only when it declares
+    ``concurrent_safe`` and otherwise runs one episode at a time. ``batch_size``: episodes in flight
+    (default ``ragloop.agents.runtime.default_batch_size()``).
+    """
+    from ragloop.agents.runtime import run_questions
+
+    if callable(agent) and not hasattr(agent, "episode"):
+        make = agent
+    else:
+        make = lambda: agent  # noqa: E731
+        if not getattr(agent, "concurrent_safe", False):
+            batch_size = 1
     if out is not None:
         write_traces(out, [])  # start a fresh file (atomically), then append one line per example
     t0 = time.perf_counter()
-    for i, ex in enumerate(examples):
-        trace = agent.run(ex.question, task=task)
+    done = 0
+
+    def finished(i: int, trace: Trace) -> None:
+        nonlocal done
+        ex = examples[i]
         trace.feedback.gold = ex.gold
         trace.feedback.correct = is_correct(task, trace.answer, ex.gold)
         trace.meta["example_id"] = ex.id
-        traces.append(trace)
         if out is not None:
             write_traces(out, [trace], append=True)
+        done += 1
         if progress is not None:
-            progress(i + 1, len(examples), trace)
+            progress(done, len(examples), trace)
+
+    traces = run_questions(make, [ex.question for ex in examples], _policy_of(make), task=task,
+                           batch_size=batch_size, on_done=finished)
+    if out is not None:
+        write_traces(out, traces)  # the finished file in input order (appended above in finishing order)
     return traces, time.perf_counter() - t0
+
+
+def _policy_of(make: Callable[[], Any]) -> Any:
+    agent = make()
+    policy = getattr(agent, "policy", None)
+    if policy is None:
+        raise UsageError(f"{type(agent).__name__} has no policy to run episodes with")
+    return policy
 
 
 @dataclass
@@ -292,7 +323,9 @@ class RunConfig:
     prompt_style: str | None = None
     action_format: Literal["text", "json"] = "text"
     fallback: Literal["cot-sc", "none"] = "cot-sc"
+    batch_size: int | None = None  # episodes decoded together (None: the runtime's default)
     extra_settings: dict[str, Any] = field(default_factory=dict)
+    constrained: bool = False  # grammar-constrained decoding (ragloop.models.grammar)
 
 
 def run_benchmark(
@@ -305,6 +338,7 @@ def run_benchmark(
 ) -> EvalReport:
     """Load the slice, build the agent (``ragloop.agents.factory``), run, score, summarise."""
     from ragloop.agents.factory import AgentSpec, build_agent
+    from ragloop.agents.runtime import default_batch_size
 
     if cfg.task == "gsm8k":
         examples = load_gsm8k(cfg.data, limit=cfg.limit, offset=cfg.offset)
@@ -318,11 +352,18 @@ def run_benchmark(
         raise UsageError(f"unknown benchmark {cfg.task!r}; choose gsm8k or claims")
     spec = AgentSpec(kind=cfg.agent, task=family, shots=cfg.shots, self_consistency=cfg.self_consistency,  # type: ignore[arg-type]
                      max_new_tokens=cfg.max_new_tokens, max_steps=cfg.max_steps, prompt_style=cfg.prompt_style,
-                     action_format=cfg.action_format, seed=cfg.seed, fallback=cfg.fallback)
+                     action_format=cfg.action_format, seed=cfg.seed, fallback=cfg.fallback,
+                     constrained=cfg.constrained)
     agent = build_agent(policy, spec, retriever=retriever, sandbox=sandbox)
-    traces, seconds = run_examples(agent, examples, task=cfg.task, out=cfg.out, progress=progress)
+
+    def make_agent() -> Any:  # one agent per episode: tools keep per-run state
+        return build_agent(policy, spec, retriever=retriever, sandbox=sandbox)
+
+    traces, seconds = run_examples(make_agent, examples, task=cfg.task, out=cfg.out, progress=progress,
+                                   batch_size=cfg.batch_size)
     end = cfg.offset + len(examples)
     settings = {**effective_settings(agent), **cfg.extra_settings}
+    settings["batch_size"] = cfg.batch_size or default_batch_size()
     if getattr(policy, "precision", None):  # the decode weights (fp32 unless a reduced precision was asked for)
         settings["precision"] = policy.precision
     return summarize(traces, task=cfg.task, agent=cfg.agent, model=getattr(policy, "name", "?"),
