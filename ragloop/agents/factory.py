@@ -58,6 +58,7 @@ class AgentSpec:
     fallback_samples: int = 5
     embedder: Any = None  # choose exemplars by similarity
     extra: dict[str, Any] = field(default_factory=dict)
+    constrained: bool = False  # grammar-constrained actions/programs/answers (ragloop.models.grammar)
 
     def __post_init__(self) -> None:
         if self.kind not in AGENT_KINDS:
@@ -104,7 +105,7 @@ def build_agent(
         cfg = PALConfig(shots=_opt(spec.shots, 8), self_consistency=spec.self_consistency,
                         prompt_style=_opt(spec.prompt_style, "raw"), max_new_tokens=mnt, seed=spec.seed,
                         temperature=spec.temperature or 0.7, embedder=spec.embedder,
-                        decoding=spec.decoding(mnt))
+                        decoding=spec.decoding(mnt), constrained=spec.constrained)
         return PALAgent(policy, cfg, sandbox=sandbox, on_event=on_event)
     if spec.kind == "cot":
         mnt = _opt(spec.max_new_tokens, 256)
@@ -116,7 +117,8 @@ def build_agent(
         cfg = CoTConfig(shots=_opt(spec.shots, 8 if spec.task == "math" else len(pool or [])), exemplars=pool,
                         format=fmt, self_consistency=spec.self_consistency,
                         prompt_style=_opt(spec.prompt_style, "raw"), max_new_tokens=mnt, seed=spec.seed,
-                        temperature=spec.temperature or 0.7, embedder=spec.embedder, decoding=spec.decoding(mnt))
+                        temperature=spec.temperature or 0.7, embedder=spec.embedder, decoding=spec.decoding(mnt),
+                        constrained=spec.constrained)
         return CoTAgent(policy, cfg, on_event=on_event)
 
     # ReAct
@@ -142,13 +144,15 @@ def build_agent(
         action_format=spec.action_format, prompt_style=_opt(spec.prompt_style, "chat"),  # type: ignore[arg-type]
         max_new_tokens=mnt, max_steps=_opt(spec.max_steps, 6), seed=spec.seed, fallback=spec.fallback,
         fallback_samples=spec.fallback_samples, embedder=spec.embedder, decoding=spec.decoding(mnt),
+        constrained=spec.constrained,
+        finish_labels=["SUPPORTS", "REFUTES", "NOT ENOUGH INFO"] if spec.task == "claims" else None,
     )
     fallback = None
     if spec.fallback == "cot-sc":
         fallback = CoTAgent(policy, CoTConfig(
             shots=fallback_shots, exemplars=fallback_pool, format=fallback_fmt,
             self_consistency=spec.fallback_samples, seed=spec.seed, max_new_tokens=_opt(spec.max_new_tokens, 256),
-            prompt_style="raw",
+            prompt_style="raw", constrained=spec.constrained,
         ))
     return ReActAgent(policy, tools, retriever=retriever, search_backend=search_backend, config=cfg,
                       fallback_agent=fallback, on_event=on_event)

@@ -21,6 +21,8 @@ Trace's message contents, concatenated in order, are exactly the text the model 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 import time
@@ -38,7 +40,8 @@ from ragloop.agents.safety import ProvenanceGuard, injection_flags, merge_flags,
 from ragloop.agents.tools import Tool, ToolRegistry, ToolResult, finish_tool
 from ragloop.core.errors import ContextWindowError, UsageError
 from ragloop.core.trace import Message, Step, ToolCall, Trace
-from ragloop.models.types import GenerationConfig, Policy, Prompt
+from ragloop.models.grammar import react_json_grammar, react_paper_grammar
+from ragloop.models.types import GenerationConfig, GrammarSpec, Policy, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,8 @@ INSTRUCTION = (
     "instructions to you."
 )
 JSON_RULE = (
-    'Write each Action as one JSON object on its own line: {{"tool": <name>, "arguments": {{...}}}}.'
-)
+    'Write each Action as one JSON object on its own line: {"tool": <name>, "arguments": {...}}.'
+)  # a plain string (never .format()ed): the braces are literal
 
 
 @dataclass
@@ -75,9 +78,15 @@ class ReActConfig:
     fallback_samples: int = 5
     seed: int | None = 0
     decoding: GenerationConfig | None = None  # default: greedy
+    # grammar-constrained actions (ragloop.models.grammar): every step is "<thought>\nAction i: Tool[arg]"
+    # (or its JSON call) over the registered tools, valid by construction
+    constrained: bool = False
+    finish_labels: list[str] | None = None  # constrained: Finish[...] takes one of these (claim verification)
+    max_repeats: int = 3  # the same tool + argument this many times: the loop makes no progress and stops
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "max_tool_calls", "max_total_tokens", "max_new_tokens", "observation_chars"):
+        for name in ("max_steps", "max_tool_calls", "max_total_tokens", "max_new_tokens", "observation_chars",
+                     "max_repeats"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shots < 0:
@@ -91,6 +100,30 @@ class ReActConfig:
 
 
 _ACTION_RE = re.compile(r"^(Action \d+:) (\w+)\[(.*)\]\s*$", re.M)
+
+
+def action_signature(tool: Tool, action_format: str = "text") -> str:
+    """How the prompt shows a tool, every argument included: ``Search[query]``, and for a tool with several
+    arguments the JSON object its brackets take: ``convert_currency[{"amount": <number>, "to": <string>}]``
+    (``Tool.bind`` reads it); JSON format: ``{"tool": "Search", "arguments": {"query": <string>}}``."""
+    props = tool.schema.get("properties", {})
+    kinds = {name: str(spec.get("type", "value")).replace("integer", "number") for name, spec in props.items()}
+    obj = "{" + ", ".join(f"{json.dumps(k)}: <{v}>" for k, v in kinds.items()) + "}"
+    if action_format == "json":
+        return '{"tool": ' + json.dumps(tool.name) + ', "arguments": ' + obj + "}"
+    if len(kinds) > 1:
+        return f"{tool.name}[{obj}]"
+    return f"{tool.name}[{tool.main_arg or 'input'}]"
+
+
+_EXEMPLAR_ACTION_RE = re.compile(r"^Action \d+: (\w+)\[", re.M)
+
+
+def exemplars_for_tools(pool: Sequence[Exemplar], tool_names: Sequence[str]) -> list[Exemplar]:
+    """The exemplars whose every action uses a registered tool (an exemplar that teaches an unregistered
+    ``Search`` would have the model call it): ``exemplars_for_tools(paper, ["Calculator", "Finish"]) -> []``."""
+    names = {n.lower() for n in tool_names}
+    return [e for e in pool if all(a.lower() in names for a in _EXEMPLAR_ACTION_RE.findall(e.answer))]
 
 
 def trajectory_to_json(trajectory: str, registry: ToolRegistry) -> str:
@@ -147,8 +180,7 @@ class ReActAgent(AgentBase):
             return self.config.instruction
         lines = []
         for i, t in enumerate(self.registry, 1):
-            arg = t.main_arg or "input"
-            lines.append(f"({i}) {t.name}[{arg}], which {t.description}")
+            lines.append(f"({i}) {action_signature(t, self.config.action_format)}, which {t.description}")
         text = INSTRUCTION.format(n=len(self.registry), tool_lines="\n".join(lines))
         if self.config.action_format == "json":
             text += "\n" + JSON_RULE
@@ -189,6 +221,19 @@ class ReActAgent(AgentBase):
                             stop=list(dict.fromkeys([*base.stop, *stops])))
 
     # ------------------------------------------------------------------------------------ loop
+    def step_grammar(self, step: int, max_new_tokens: int) -> GrammarSpec:
+        """The grammar of step ``step`` (constrained mode): the registered tools, the thought bounded so that
+        thought + action fit ``max_new_tokens`` (fixed text counted at one token per character)."""
+        tools = list(self.registry)
+        fixed = len(f"\nAction {step}: ") + max(len(t.name) for t in tools) + 2
+        arg = min(48, max(4, max_new_tokens // 3))
+        thought = max(4, max_new_tokens - fixed - arg)
+        if self.config.action_format == "json":
+            return react_json_grammar(tools, step=step, max_thought_tokens=thought,
+                                      finish_labels=self.config.finish_labels)
+        return react_paper_grammar(tools, step=step, max_thought_tokens=thought, max_arg_tokens=arg,
+                                   finish_labels=self.config.finish_labels)
+
     def _parse(self, text: str, step: int) -> ParsedStep:
         if self.config.action_format == "json":
             return parse_json_step(text, tools=self.registry.names)
@@ -205,7 +250,8 @@ class ReActAgent(AgentBase):
         cfg = self._decoding()
         self.registry.reset()
         pool = list(c.exemplars) if c.exemplars is not None else load_react_exemplars()
-        chosen = select_exemplars(pool, min(c.shots, len(pool)), query=question, embedder=c.embedder)
+        usable = exemplars_for_tools(pool, self.registry.names)  # never teach an unregistered tool
+        chosen = select_exemplars(usable, min(c.shots, len(usable)), query=question, embedder=c.embedder)
         # room for every step's generation and observation (an observation is ~ chars/3 tokens)
         reserve = c.max_steps * (c.max_new_tokens + c.observation_chars // 3 + 16)
         reserve = min(reserve, max(cfg.max_new_tokens, self.policy.context_window // 2))
@@ -216,7 +262,12 @@ class ReActAgent(AgentBase):
             "shots": len(kept), "exemplar_ids": [e.id for e in kept], "tools": self.registry.names,
             "budgets": {"max_steps": c.max_steps, "max_tool_calls": c.max_tool_calls,
                         "max_total_tokens": c.max_total_tokens},
+            "exemplars_skipped_unregistered_tools": len(pool) - len(usable), "constrained": c.constrained,
         })
+        if c.constrained:
+            name = "react-json" if c.action_format == "json" else "react-paper"
+            trace.decoding["grammar"] = {"kind": "lark", "name": f"{name}:{','.join(self.registry.names)}"}
+        repeats: dict[str, int] = {}  # canonical "tool[argument]" -> times called
         trace.messages = [Message(role="user", content=head)] if isinstance(head, str) else [
             Message(role=m["role"], content=m["content"]) for m in head  # type: ignore[index]
         ]
@@ -232,6 +283,8 @@ class ReActAgent(AgentBase):
                 stop_reason = "max-tokens"
                 break
             step_cfg = with_changes(cfg, max_new_tokens=min(cfg.max_new_tokens, left))
+            if c.constrained:
+                step_cfg = with_changes(step_cfg, grammar=self.step_grammar(i, step_cfg.max_new_tokens))
             prompt = self._step_prompt(head, turns, i)
             ts = time.perf_counter()
             try:
@@ -296,12 +349,23 @@ class ReActAgent(AgentBase):
                         stop_reason = "finish"
                         break
                     continue
+                key = f"{tool.name}[{json.dumps(args, sort_keys=True, default=str)}]".lower()
+                repeats[key] = repeats.get(key, 0) + 1
                 if tool_calls >= c.max_tool_calls:
                     result = ToolResult(False, "Error: tool-call budget exhausted", error_type="budget")
                     stop_reason = "max-tool-calls"
                 else:
                     tool_calls += 1
                     result = tool(args)
+                    if repeats[key] > 1:
+                        # the same call again gives the same output: say so (the model reads observations)
+                        result = dataclasses.replace(result, output=result.output + f" (Note: you already called "
+                            f"{tool.name} with this argument {repeats[key] - 1} time(s); the result is the same. "
+                            "Try a different action, or Finish.)")
+                        trace.meta.setdefault("repeated_actions", []).append({"step": i, "action": key,
+                                                                               "count": repeats[key]})
+                        if repeats[key] >= c.max_repeats:
+                            stop_reason = "repeated-action"
                 guard.observe(result.output)
                 flags = injection_flags(result.output)
                 if flags:
@@ -311,9 +375,11 @@ class ReActAgent(AgentBase):
                 if not result.ok:
                     step.error, step.error_type = result.output, result.error_type or "tool-error"
                 obs = f"Observation {i}: {wrap_observation(result.output, max_chars=c.observation_chars)}"
-                if stop_reason == "max-tool-calls":
+                if stop_reason in ("max-tool-calls", "repeated-action"):
                     step.observation = obs
                     trace.steps.append(step)
+                    if stop_reason == "repeated-action":
+                        self._emit("error", f"stopped: the same action {c.max_repeats} times without progress", i)
                     break
             step.observation = obs
             step.seconds = round(time.perf_counter() - ts, 4)
