@@ -76,3 +76,23 @@ def test_cot_self_consistency_samples_in_one_batched_call(policy):
     assert counting.generate_calls == 1 and len(trace.steps) == 3
     assert trace.decoding["n"] == 3 and not trace.decoding["greedy"] and trace.seed == 5
     assert sum(trace.meta["votes"].values()) == sum(1 for s in trace.steps if s.error_type is None)
+
+
+def test_rag_on_the_real_model(policy, tmp_path):
+    """Passages, sources with file and location, the model's text, groundedness measurable (not accuracy)."""
+    from ragloop.agents.rag import RAGAgent, RAGConfig, render_sources
+    from ragloop.eval.groundedness import trace_groundedness
+    from ragloop.retrieval import HashingEmbedder, Retriever, build_index
+
+    build_index([ROOT / "examples" / "corpus"], tmp_path / "idx", embedder=HashingEmbedder(256))
+    retriever = Retriever.open(tmp_path / "idx", embedder=HashingEmbedder(256))
+    trace = RAGAgent(policy, retriever, RAGConfig(k=2, max_new_tokens=48)).run(
+        "What value of k does reciprocal rank fusion use by default?")
+    assert [s.n for s in trace.sources] == [1, 2] and all(s.source.endswith(".md") for s in trace.sources)
+    assert trace.steps[0].retrieved_ids == [s.chunk_id for s in trace.sources]
+    assert trace.steps[1].raw_output is not None and trace.tokens_out > 0
+    assert trace.answer  # the model's text, or the extractive fallback, which is then recorded
+    assert trace.finished or trace.fallback == "extractive"
+    assert trace.messages[-1].role == "assistant" and "[1]" in trace.messages[1].content
+    assert "Sources:" in render_sources(trace)
+    assert trace_groundedness(trace) is not None
