@@ -4,7 +4,9 @@
   through ``peft`` and merges them into the weights of the exported policy; prompt tuning (Lester et al. 2021)
   trains only a few soft-prompt embeddings (``peft`` PromptTuning) — the third option next to prompt
   engineering and fine-tuning. The loss is the mean next-token NLL over trainable assistant tokens only
-  (``masking``), in the chat format the policy runs on.
+  (``masking``), in the chat format the policy runs on. An encoder-decoder policy (``Seq2SeqPolicy``) trains the
+  same way with the loss on the target only: the encoder reads the context, the decoder learns the assistant
+  turn (``seq2seq_data``); full and LoRA (peft's SEQ_2_SEQ_LM task), not prompt tuning.
 - Guards against forgetting: gradient-norm clipping, an optional L2 pull towards the initial weights
   (L2-SP, Li et al. 2018), an optional gradient-norm penalty (below), and a held-out *general* set whose
   per-token NLL is measured before and after (catastrophic forgetting, McCloskey & Cohen 1989; measured as
@@ -59,6 +61,13 @@ from ragloop.alignment.data import DropReport, SFTRow, row_hash
 from ragloop.alignment.guards import NonFiniteGuard, grads_finite
 from ragloop.alignment.logging import MetricsLogger
 from ragloop.alignment.masking import IGNORE_INDEX, TokenizedExample, pad_batch, tokenize_rows
+from ragloop.alignment.seq2seq_data import (
+    Seq2SeqExample,
+    is_encoder_decoder,
+    pad_seq2seq_batch,
+    seq2seq_nll_sum,
+    tokenize_seq2seq_rows,
+)
 from ragloop.core.errors import ConfigError, DataError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -217,9 +226,13 @@ def lr_at(step: int, *, base: float, warmup: int, horizon: int, schedule: str) -
 
 
 def token_nll_sum(model: Any, batch: dict[str, Any], *, bf16: bool = False) -> tuple[Any, int]:
-    """Summed next-token NLL over labelled tokens, and their count. batch: input_ids/labels/attention_mask (B, T)."""
+    """Summed next-token NLL over labelled tokens, and their count. batch: input_ids/labels/attention_mask (B, T).
+    For an encoder-decoder the batch is ``seq2seq_data.pad_seq2seq_batch``'s and the loss is on the targets."""
     import torch
     import torch.nn.functional as F
+
+    if is_encoder_decoder(model):
+        return seq2seq_nll_sum(model, batch, bf16=bf16)
 
     labels = batch["labels"]  # (B, T)
     T = labels.shape[1]
@@ -243,7 +256,22 @@ def token_nll_sum(model: Any, batch: dict[str, Any], *, bf16: bool = False) -> t
     return loss, n
 
 
-def mean_nll(model: Any, examples: Sequence[TokenizedExample], pad_id: int, *, batch_size: int = 8, bf16: bool = False) -> float:
+def collate(examples: Sequence[TokenizedExample | Seq2SeqExample], pad_id: int) -> dict[str, Any]:
+    """One padded batch: ``pad_batch`` for decoder-only examples, ``pad_seq2seq_batch`` for encoder-decoder ones."""
+    if examples and isinstance(examples[0], Seq2SeqExample):
+        return pad_seq2seq_batch(examples, pad_id)  # type: ignore[arg-type]
+    return pad_batch(examples, pad_id)  # type: ignore[arg-type]
+
+
+def loss_tokens(example: TokenizedExample | Seq2SeqExample) -> int:
+    """Tokens an example puts in the loss: every target token of an encoder-decoder example; a decoder-only
+    example's labelled tokens after the first position (position 0 has nothing before it to predict it)."""
+    if isinstance(example, Seq2SeqExample):
+        return example.n_trainable
+    return sum(1 for x in example.labels[1:] if x != IGNORE_INDEX)
+
+
+def mean_nll(model: Any, examples: Sequence[TokenizedExample | Seq2SeqExample], pad_id: int, *, batch_size: int = 8, bf16: bool = False) -> float:
     """Per-token NLL of ``examples`` under ``model`` (no gradients)."""
     import torch
 
@@ -252,7 +280,7 @@ def mean_nll(model: Any, examples: Sequence[TokenizedExample], pad_id: int, *, b
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(examples), batch_size):
-            loss, n = token_nll_sum(model, pad_batch(examples[s : s + batch_size], pad_id), bf16=bf16)
+            loss, n = token_nll_sum(model, collate(examples[s : s + batch_size], pad_id), bf16=bf16)
             total += float(loss)
             count += n
     model.train(was)
@@ -302,13 +330,14 @@ def wrap_for_training(model: Any, cfg: SFTConfig) -> Any:
         return model
     from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 
+    task = TaskType.SEQ_2_SEQ_LM if is_encoder_decoder(model) else TaskType.CAUSAL_LM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # adapter initialisation depends only on the seed
         if cfg.method == "lora":
-            pcfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+            pcfg = LoraConfig(task_type=task, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                               lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets, bias="none")
         else:
-            pcfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+            pcfg = PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
         return get_peft_model(model, pcfg)
 
 
@@ -363,16 +392,24 @@ def run_sft(
         rows = mix_rows(groups, cfg.mix, cfg.mix_total or len(rows), cfg.seed)
     tok = policy.tokenizer
     pad_id = int(getattr(policy, "pad_id", None) or tok.pad_token_id or tok.eos_token_id)
-    examples, report = tokenize_rows(rows, policy.render, tok, max_length=cfg.max_length)
+    seq2seq = is_encoder_decoder(policy.model)
+    if seq2seq and cfg.method == "prompt":
+        raise ConfigError("prompt tuning is not offered for encoder-decoder policies", hint="use --lora or --full")
+    examples: Sequence[TokenizedExample | Seq2SeqExample]
+    if seq2seq:  # the encoder reads the context; the loss is on each assistant turn (the target) only
+        examples, report = tokenize_seq2seq_rows(rows, policy, max_length=cfg.max_length)
+    else:
+        examples, report = tokenize_rows(rows, policy.render, tok, max_length=cfg.max_length)
     if not examples:
         raise DataError(f"no SFT row survived tokenisation ({report.summary()})",
                         hint=f"raise max_length (now {cfg.max_length}) or check the rows")
     if report.n_dropped:
         log.warning("SFT data: %s", report.summary())
     data_hash = row_hash([e.input_ids for e in examples] + [e.labels for e in examples])
-    general = []
+    general: Sequence[TokenizedExample | Seq2SeqExample] = []
     if general_rows:
-        general, _ = tokenize_rows(general_rows, policy.render, tok, max_length=cfg.max_length)
+        general = (tokenize_seq2seq_rows(general_rows, policy, max_length=cfg.max_length)[0] if seq2seq
+                   else tokenize_rows(general_rows, policy.render, tok, max_length=cfg.max_length)[0])
 
     accel = _distributed()
     rank, world = (accel.process_index, accel.num_processes) if accel else (0, 1)
@@ -453,10 +490,10 @@ def run_sft(
             g["lr"] = lr_at(step, base=cfg.lr, warmup=cfg.warmup_steps, horizon=horizon, schedule=cfg.schedule)
         opt.zero_grad(set_to_none=True)
         mbs = micro_batches(step)
-        n_tok = sum(sum(1 for x in examples[i].labels[1:] if x != IGNORE_INDEX) for mb in mbs for i in mb)
+        n_tok = sum(loss_tokens(examples[i]) for mb in mbs for i in mb)
         step_loss, step_penalty, ok = 0.0, 0.0, True
         for mb in mbs:
-            batch = pad_batch([examples[i] for i in mb], pad_id)
+            batch = collate([examples[i] for i in mb], pad_id)
             tokens_seen += int(batch["attention_mask"].sum())
             with _double_backprop_attention(cfg.grad_norm_penalty > 0):
                 loss_sum, n_mb = token_nll_sum(model, batch, bf16=cfg.bf16)
