@@ -57,17 +57,14 @@ def main() -> None:
         print(json.dumps({"bench": "ppo_vs_grpo", "skipped": "trl is not installed (pip install '.[bench]')"}))
         return
     from ragloop.agents.pal import PALAgent, PALConfig
-    from ragloop.alignment.collect import _NullSandbox, _RecordingPolicy
+    from ragloop.agents.runtime import first_call
     from ragloop.alignment.ppo import PPOConfig, PPOItem, make_reward_fn, run_ppo
     from ragloop.models.loading import load_policy
 
     rows = [json.loads(x) for x in (ROOT / ".." / "shared" / "data" / "gsm8k" / "train.jsonl").open()][:64]
     policy = load_policy()
-    rec = _RecordingPolicy(policy)
-    agent = PALAgent(rec, PALConfig(shots=0, max_new_tokens=args.max_tokens), sandbox=_NullSandbox())
-    for r in rows:
-        agent.run(r["question"])
-    prompts = [c[0] for c in rec.calls]
+    agent = PALAgent(policy, PALConfig(shots=0, max_new_tokens=args.max_tokens))
+    prompts = [first_call(agent, r["question"]).prompt for r in rows]  # the agent's exact prompts, not decoded
     stops = agent._decoding().stop
     episodes = args.prompts * args.samples
 

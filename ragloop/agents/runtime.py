@@ -145,6 +145,29 @@ def record_call(call: ModelCall, generations: Sequence[Generation]) -> ModelCall
 # One episode
 
 
+def first_call(agent: Any, question: str, **kwargs: Any) -> ModelCall | None:
+    """The first model call ``agent`` makes for ``question`` (its exact prompt and settings); nothing is
+    decoded. PPO and GRPO take their prompts from here, so they train on the format the agent runs on."""
+    return Episode(agent.episode(question, **kwargs), record=False).start()
+
+
+def replay(agent: Any, question: str, answers: Sequence[Sequence[Generation]], **kwargs: Any) -> Trace:
+    """The Trace ``agent`` produces when its model calls return ``answers`` in turn (e.g. judging an RL
+    completion with the agent's own parser and tools). Raises UsageError if it asks for more calls."""
+    ep = Episode(agent.episode(question, **kwargs), record=False)
+    call = ep.start()
+    for gens in answers:
+        if call is None:
+            break
+        call = ep.step(list(gens))
+    if call is not None:
+        from ragloop.core.errors import UsageError
+
+        raise UsageError(f"the agent asked for more than the {len(answers)} model call(s) replayed")
+    assert ep.trace is not None
+    return ep.trace
+
+
 def run_episode(ep: Episode, policy: Any, *, on_token: Callable[[str, int], None] | None = None) -> Trace:
     """Drive one episode to its end with ``policy``; with ``on_token``, single-candidate calls stream."""
     call = ep.start()

@@ -1,86 +1,30 @@
-"""Run a single-generation agent (PAL, CoT) over many questions with batched decoding, and score the traces.
+"""Run an agent over many questions on the batched runtime, several samples each, and score the traces.
 
-An agent calls ``policy.generate`` once per question; run one question at a time, a CPU decodes one
-sequence at a time. ``run_agent_batched`` keeps the agent's own code in charge of prompts, parsing, tools
-and trace records, and batches only the decoding, in three passes:
-
-1. *record*: the agent runs with a policy that records the (prompt, decoding settings) it asks for and
-   answers with an empty generation, and with a stand-in executor (its output is discarded);
-2. *decode*: every recorded prompt is decoded in batches (``policy.generate_batch``), ``n`` candidates each;
-3. *replay*: the agent runs again on each question with the real executor and a policy that returns the
-   batched generation for that prompt — the trace is exactly what the agent produces for that text.
-
-Candidate ``j`` of a question is the ``j``-th sample of one batched call; the trace's ``meta["batched"]``
-records the batch seed, so samples are reproducible. ``score_gsm8k`` sets ``feedback.correct`` by numeric
-match with the gold answer; ``summarize`` gives accuracy with a Wilson 95% interval, format validity and
-mean steps/tokens.
+``run_agent_batched`` is the improve loop's collection and evaluation: every (question, sample) pair is an
+episode of the agent (``ragloop.agents.runtime``), all stepped together so that their model calls are
+decoded as one batch — any agent, single-step (PAL, CoT) or multi-step (ReAct). ``decoding`` replaces the
+agent's own settings (e.g. sampling at temperature 0.8 to collect diverse traces); sample ``j`` of
+question ``i`` is seeded by ``(decoding.seed, i, j)`` (``trace.meta["sample"]``), so collection is
+reproducible whatever the batch. ``score_gsm8k`` sets ``feedback.correct`` by numeric match with the gold
+answer; ``summarize`` gives accuracy with a Wilson 95% interval, format validity and mean steps/tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from ragloop.agents.base import decoding_settings
-from ragloop.core.errors import UsageError
 from ragloop.core.trace import Trace
-from ragloop.models.types import Generation, GenerationConfig, Prompt
+from ragloop.models.decoding import derive_seed
+from ragloop.models.types import GenerationConfig
 
 log = logging.getLogger(__name__)
 
-AgentFactory = Callable[[Any, Any], Any]  # (policy, sandbox or None) -> agent with .run(question) -> Trace
-
-
-class _NullSandbox:
-    """Answers every program with a failure; used only in the record pass, whose traces are discarded."""
-
-    def run(self, source: str, entry: str | None = "solution") -> Any:
-        from ragloop.agents.sandbox import SandboxResult
-
-        return SandboxResult(ok=False, error_type="not-run", message="record pass")
-
-
-class _Delegate:
-    """Forwards everything but ``generate`` to the real policy (tokenizer, render, context window …)."""
-
-    def __init__(self, policy: Any) -> None:
-        self._policy = policy
-        self.name = policy.name
-        self.context_window = policy.context_window
-
-    def __getattr__(self, item: str) -> Any:
-        return getattr(self._policy, item)
-
-
-class _RecordingPolicy(_Delegate):
-    def __init__(self, policy: Any) -> None:
-        super().__init__(policy)
-        self.calls: list[tuple[Prompt, GenerationConfig]] = []
-
-    def generate(self, prompt: Prompt, cfg: GenerationConfig | None = None) -> list[Generation]:
-        cfg = cfg or GenerationConfig()
-        self.calls.append((prompt, cfg))
-        return [Generation(text="", token_ids=[], finish_reason="length")] * cfg.n
-
-    def stream(self, prompt: Prompt, cfg: GenerationConfig | None = None):  # pragma: no cover - agents stream only with listeners
-        raise UsageError("batched agent runs do not stream")
-
-
-class _ReplayPolicy(_Delegate):
-    def __init__(self, policy: Any, answers: list[Generation]) -> None:
-        super().__init__(policy)
-        self.answers = answers
-
-    def generate(self, prompt: Prompt, cfg: GenerationConfig | None = None) -> list[Generation]:
-        n = (cfg or GenerationConfig()).n
-        if len(self.answers) < n:
-            raise UsageError("the agent asked for more generations on replay than it did when recorded "
-                             "(batched runs support agents that generate once per question)")
-        out, self.answers = self.answers[:n], self.answers[n:]
-        return out
+AgentFactory = Callable[[Any, Any], Any]  # (policy, sandbox or None) -> agent with .episode(question)
 
 
 def run_agent_batched(
@@ -90,48 +34,58 @@ def run_agent_batched(
     *,
     samples: int = 1,
     decoding: GenerationConfig | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     sandbox: Any = None,
     task: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[list[Trace]]:
-    """``samples`` traces per question. ``decoding`` overrides the agent's settings for the batched decode
-    (e.g. sampling at temperature 0.8 to collect diverse traces); None keeps the agent's own (greedy in
-    evaluation). ``make_agent(policy, sandbox)`` builds the agent around the given policy/executor."""
+    """``samples`` traces per question, as episodes decoded together. ``decoding`` overrides the agent's
+    settings (stop strings are merged with the agent's, ``n`` stays the agent's); None keeps the agent's own
+    (greedy in evaluation). ``make_agent(policy, sandbox)`` builds one agent per episode."""
+    from ragloop.agents.runtime import Episode, run_episodes
+
     if not questions:
         return []
-    rec = _RecordingPolicy(policy)
-    rec_agent = make_agent(rec, _NullSandbox())
-    prompts: list[Prompt] = []
-    cfgs: list[GenerationConfig] = []
-    for q in questions:
-        before = len(rec.calls)
-        rec_agent.run(q, task=task) if task else rec_agent.run(q)
-        if len(rec.calls) != before + 1:
-            raise UsageError("run_agent_batched needs an agent that generates exactly once per question")
-        prompts.append(rec.calls[-1][0])
-        cfgs.append(rec.calls[-1][1])
-    base = decoding or cfgs[0]
-    stops = list(dict.fromkeys([*base.stop, *cfgs[0].stop]))
-    gcfg = replace(base, n=samples, stop=stops)
-    gens: list[list[Generation]] = []
+    if samples < 1:
+        from ragloop.core.errors import UsageError
+
+        raise UsageError(f"samples must be >= 1, got {samples}")
+    pairs = [(i, j) for i in range(len(questions)) for j in range(samples)]
+
+    def transform_for(i: int, j: int) -> Callable[[GenerationConfig], GenerationConfig] | None:
+        if decoding is None:
+            return None
+        seed = derive_seed(decoding.seed or 0, i, j)
+
+        def tf(cfg: GenerationConfig) -> GenerationConfig:
+            stops = list(dict.fromkeys([*decoding.stop, *cfg.stop]))
+            return dataclasses.replace(decoding, n=cfg.n, stop=stops, seed=seed,
+                                       grammar=decoding.grammar or cfg.grammar)
+
+        return tf
+
+    eps = []
+    for i, j in pairs:
+        agent = make_agent(policy, sandbox)
+        gen = agent.episode(questions[i], task=task) if task else agent.episode(questions[i])
+        eps.append(Episode(gen, transform=transform_for(i, j)))
+    done = 0
+
+    def on_done(_: int, __: Trace) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, len(eps))
+
     t0 = time.perf_counter()
-    for s in range(0, len(prompts), batch_size):
-        gens += policy.generate_batch(prompts[s : s + batch_size], replace(gcfg, seed=(gcfg.seed or 0) + s))
-        if progress:
-            progress(min(len(prompts), s + batch_size), len(prompts))
-    log.info("decoded %d × %d candidates in %.1f s", len(prompts), samples, time.perf_counter() - t0)
-    out: list[list[Trace]] = []
-    for i, (q, cands) in enumerate(zip(questions, gens, strict=True)):
-        traces = []
-        for j, g in enumerate(cands):
-            agent = make_agent(_ReplayPolicy(policy, [g]), sandbox)
-            t = agent.run(q, task=task) if task else agent.run(q)
-            t.decoding = decoding_settings(policy, gcfg)
-            t.meta["batched"] = {"seed": (gcfg.seed or 0) + (i // batch_size) * batch_size,
-                                 "prompt_index": i % batch_size, "candidate": j}
-            traces.append(t)
-        out.append(traces)
+    traces = run_episodes(policy, eps, batch_size=batch_size, on_done=on_done)
+    log.info("ran %d × %d episodes in %.1f s", len(questions), samples, time.perf_counter() - t0)
+    out: list[list[Trace]] = [[] for _ in questions]
+    for (i, j), t in zip(pairs, traces, strict=True):
+        if decoding is not None:
+            t.decoding = {**t.decoding, **decoding.to_dict(), "seed": derive_seed(decoding.seed or 0, i, j)}
+            t.meta["sample"] = {"question": i, "candidate": j, "seed": derive_seed(decoding.seed or 0, i, j)}
+        out[i].append(t)
     return out
 
 

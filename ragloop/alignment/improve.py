@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ragloop.alignment.budget import make_clock
-from ragloop.alignment.collect import _RecordingPolicy, run_agent_batched, score_gsm8k, summarize
+from ragloop.alignment.collect import run_agent_batched, score_gsm8k, summarize
 from ragloop.alignment.data import (
     DropReport,
     PreferencePair,
@@ -158,14 +158,17 @@ def pal_factory(cfg: ImproveConfig) -> Callable[[Any, Any], Any]:
 
 
 def agent_prompts(make_agent: Callable[[Any, Any], Any], policy: Any, questions: Sequence[str]) -> list[Any]:
-    """The exact prompt the agent sends for each question (recorded, nothing decoded)."""
-    from ragloop.alignment.collect import _NullSandbox
+    """The exact prompt the agent sends for each question (its first model call; nothing decoded)."""
+    from ragloop.agents.runtime import first_call
 
-    rec = _RecordingPolicy(policy)
-    agent = make_agent(rec, _NullSandbox())
+    agent = make_agent(policy, None)
+    out = []
     for q in questions:
-        agent.run(q)
-    return [c[0] for c in rec.calls]
+        call = first_call(agent, q)
+        if call is None:
+            raise UsageError(f"the agent made no model call for {q[:60]!r}")
+        out.append(call.prompt)
+    return out
 
 
 def critique_trace(trace: Trace) -> Trace:
@@ -523,14 +526,14 @@ def evaluate_slice(cfg: ImproveConfig, *, tag: str, policy: Any = None,
 def pal_reward_check(make_agent: Callable[[Any, Any], Any], policy: Any, sandbox: Any) -> Callable[[Any, str], float]:
     """The programmatic PPO reward for a PAL completion: 1 if the program's answer is right, −0.2 if it ran
     but is wrong, −1 if no program ran — judged by the agent itself (same extraction, same sandbox)."""
-    from ragloop.alignment.collect import _ReplayPolicy
+    from ragloop.agents.runtime import replay
     from ragloop.eval.metrics import numeric_match
     from ragloop.models.types import Generation
 
+    agent = make_agent(policy, sandbox)
+
     def check(item: Any, completion: str) -> float:
-        agent = make_agent(_ReplayPolicy(policy, [Generation(text=completion, token_ids=[], finish_reason="stop")]),
-                           sandbox)
-        t = agent.run(item.meta["question"])
+        t = replay(agent, item.meta["question"], [[Generation(text=completion, token_ids=[], finish_reason="stop")]])
         if t.answer is not None and numeric_match(t.answer, item.meta["gold"]) == 1.0:
             return 1.0
         return -0.2 if t.finished else -1.0

@@ -1,12 +1,11 @@
-"""Batched agent runs: the same traces as running the PAL agent one question at a time (tiny model, greedy,
-real sandbox), samples per question, scoring and the summary with a Wilson interval."""
+"""Batched agent runs on the runtime: the same traces as running the agent one question at a time (tiny
+model, greedy, real sandbox), multi-step agents too, seeded samples per question, scoring and the summary."""
 
 from __future__ import annotations
 
 import pytest
 
 from ragloop.alignment.collect import run_agent_batched, score_gsm8k, summarize
-from ragloop.core.errors import UsageError
 from ragloop.core.trace import Feedback, Trace
 from ragloop.models.local import LocalPolicy
 from ragloop.models.types import GenerationConfig
@@ -44,29 +43,34 @@ def test_samples_per_question_and_scoring(setup):
     groups = run_agent_batched(make, policy, QS[:2], samples=3, sandbox=sandbox,
                                decoding=GenerationConfig(max_new_tokens=12, temperature=1.0, seed=5))
     assert [len(g) for g in groups] == [3, 3]
-    assert {t.meta["batched"]["candidate"] for t in groups[0]} == {0, 1, 2}
+    assert {t.meta["sample"]["candidate"] for t in groups[0]} == {0, 1, 2}
     assert groups[0][0].decoding["temperature"] == 1.0
+    # each sample is seeded by (seed, question, candidate): the same whatever else is in the batch
+    alone = run_agent_batched(make, policy, QS[1:2], samples=3, sandbox=sandbox,
+                              decoding=GenerationConfig(max_new_tokens=12, temperature=1.0, seed=5))
+    assert [t.meta["sample"]["seed"] for t in alone[0]] != [t.meta["sample"]["seed"] for t in groups[1]]
+    again = run_agent_batched(make, policy, QS[:2], samples=3, sandbox=sandbox, batch_size=1,
+                              decoding=GenerationConfig(max_new_tokens=12, temperature=1.0, seed=5))
+    assert [[s.raw_output for s in t.steps] for t in again[1]] == [[s.raw_output for s in t.steps] for t in groups[1]]
     t = score_gsm8k(Trace(question="q", answer="42.0"), "42")
     assert t.feedback.correct is True and t.feedback.gold == "42"
     assert score_gsm8k(Trace(question="q", answer=None), "42").feedback.correct is False
 
 
-def test_summary_and_single_call_agents_only(setup):
+def test_summary_and_multi_step_agents(setup):
     ts = [Trace(question="a", answer="1", finished=True, feedback=Feedback(correct=True)),
           Trace(question="b", answer=None, finished=False, feedback=Feedback(correct=False))]
     s = summarize(ts)
     assert (s.n, s.correct, s.accuracy, s.format_valid) == (2, 1, 0.5, 0.5)
     assert s.ci95[0] < 0.5 < s.ci95[1]
     policy, _, _ = setup
+    from ragloop.agents.react import ReActAgent, ReActConfig, react_tools_for
 
-    class TwoCalls:
-        def __init__(self, pol, sandbox):
-            self.pol = pol
+    def make_react(pol, sandbox):  # several model calls per question (the record/replay path could not)
+        return ReActAgent(pol, tools=react_tools_for("calculator"),
+                          config=ReActConfig(shots=0, max_steps=3, max_new_tokens=10, fallback="none"))
 
-        def run(self, q):
-            self.pol.generate("a")
-            self.pol.generate("b")
-            return Trace(question=q)
-
-    with pytest.raises(UsageError, match="exactly once"):
-        run_agent_batched(TwoCalls, policy, ["q"])
+    batched = [ts[0] for ts in run_agent_batched(make_react, policy, QS, batch_size=3)]
+    seq = [make_react(policy, None).run(q) for q in QS]
+    assert [[st.raw_output for st in t.steps] for t in batched] == [[st.raw_output for st in t.steps] for t in seq]
+    assert all(len(t.calls) >= len(t.steps) >= 1 for t in batched)  # a repair may add a call to a step
