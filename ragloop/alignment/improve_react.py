@@ -301,8 +301,9 @@ def evaluate_claims(policy: Any, retriever: Any, examples: Sequence[Any], cfg: R
     from ragloop.eval.runners import run_examples
 
     c0 = now()
-    agent = build_agent(policy, cfg.agent_spec(), retriever=retriever)
-    traces, seconds = run_examples(agent, examples, task="claims", out=out / "traces" / f"eval-{tag}.jsonl")
+    spec = cfg.agent_spec()
+    traces, seconds = run_examples(lambda: build_agent(policy, spec, retriever=retriever), examples, task="claims",
+                                   out=out / "traces" / f"eval-{tag}.jsonl")
     return eval_summary(traces, cfg, policy_name=policy.name, seconds=seconds, budget_seconds=now() - c0), traces
 
 

@@ -78,6 +78,9 @@ def ask_cmd(
     task: str = typer.Option("auto", "--task", help="qa, math or claims (auto: qa with --index, else math)."),
     shots: int | None = typer.Option(None, "--shots", help="Exemplars in the prompt (0 = zero-shot)."),
     self_consistency: int = typer.Option(1, "--self-consistency", help="Sample N answers and take the majority."),
+    samples: int = typer.Option(1, "--samples", min=1, help="Run the whole agent N times (sampled at "
+                                "--temperature, default 0.7; seeds SEED..SEED+N-1), decoded as one batch, and "
+                                "answer with the majority (every run's answer and the votes are shown)."),
     tools: str = typer.Option("", "--tools", help="Extra ReAct tools, comma-separated: calculator, python."),
     temperature: float | None = typer.Option(None, "--temperature", "-t", help="Sampling temperature (default greedy)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens per generation."),
@@ -99,6 +102,7 @@ def ask_cmd(
       ragloop ask "Does nucleus sampling ever pick a token outside the top-k?" --index mydocs
       ragloop ask "A store sells pens at 3 for $2. How much do 18 pens cost?" --agent pal
       ragloop ask "What is 17 * 23?" --agent react --tools calculator --no-constrained
+      ragloop ask "A pen costs $2. How much do 7 pens cost?" --agent pal --samples 8
     """
     from ragloop.agents.factory import AgentSpec, build_agent
     from ragloop.agents.rag import attach_sources
@@ -135,8 +139,11 @@ def ask_cmd(
 
         retriever = Retriever.open(index)
     pol = load_policy_spec(policy, precision)
-    printer = None if (quiet or as_json) else EventPrinter(_console())
-    trace = build_agent(pol, spec, retriever=retriever, on_event=printer).run(question)
+    if samples > 1:
+        trace = _ask_samples(pol, spec, question, samples, retriever=retriever, quiet=quiet or as_json)
+    else:
+        printer = None if (quiet or as_json) else EventPrinter(_console())
+        trace = build_agent(pol, spec, retriever=retriever, on_event=printer).run(question)
     attach_sources(trace, retriever)
     if save:
         write_traces(save, [trace], append=True)
@@ -153,6 +160,44 @@ def ask_cmd(
             typer.echo(safe_text(line))
 
 
+def _ask_samples(pol: Any, spec: Any, question: str, samples: int, *, retriever: Any, quiet: bool) -> Any:
+    """``samples`` whole agent runs at a temperature, as one batch (``ragloop.agents.runtime``); the majority
+    answer wins (ties are reported, the first-seen answer of the tied ones is kept). Returns the trace of a
+    run that gave the winning answer, with every run's answer and the votes in ``meta["samples"]``."""
+    import dataclasses
+
+    from ragloop.agents.base import canonical_answer, majority_vote
+    from ragloop.agents.factory import build_agent
+    from ragloop.agents.repl import safe_text
+    from ragloop.agents.runtime import Episode, run_episodes
+
+    temp = spec.temperature if spec.temperature else 0.7
+    eps = [Episode(build_agent(pol, dataclasses.replace(spec, temperature=temp, seed=spec.seed + j),
+                               retriever=retriever).episode(question)) for j in range(samples)]
+    err = _console(stderr=True)
+    done = 0
+
+    def on_done(i: int, t: Any) -> None:
+        nonlocal done
+        done += 1
+        if not quiet:
+            err.print(f"[dim]run {i + 1} (seed {spec.seed + i}): {safe_text(t.answer or '(no answer)')}  "
+                      f"[{done}/{samples}][/dim]")
+
+    traces = run_episodes(pol, eps, on_done=on_done)
+    winner, votes = majority_vote([t.answer for t in traces])
+    best = max(votes.values(), default=0)
+    tied = sorted(k for k, v in votes.items() if v == best) if best else []
+    chosen = next((t for t in traces if winner is not None and canonical_answer(t.answer) == winner), traces[0])
+    chosen.meta["samples"] = {"n": samples, "temperature": temp, "answers": [t.answer for t in traces],
+                              "votes": votes, "tie": tied if len(tied) > 1 else None}
+    if not quiet:
+        vote_text = ", ".join(f"{safe_text(k)}: {v}" for k, v in sorted(votes.items(), key=lambda kv: -kv[1]))
+        err.print(f"votes over {samples} runs: {vote_text or '(no answers)'}"
+                  + (f" — a tie between {', '.join(tied)}; the first seen wins" if len(tied) > 1 else ""))
+    return chosen
+
+
 # ----------------------------------------------------------------------------------------------- chat
 def chat_cmd(
     agent: str | None = typer.Option(None, "--agent", "-a", help=AGENT_HELP),
@@ -162,6 +207,7 @@ def chat_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     timeout: float = typer.Option(5.0, "--timeout", help="Wall-clock limit of each sandboxed program, seconds."),
+    constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help=CONSTRAINED_HELP),
     no_log: bool = typer.Option(False, "--no-log", help=NO_LOG_HELP),
 ) -> None:
     """Interactive agent REPL: streams tokens, shows Thought / Action / Observation live. /help inside.
@@ -169,6 +215,7 @@ def chat_cmd(
     Examples:
       ragloop chat --index mydocs            # rag agent: answers with sources; /agent react to switch
       ragloop chat --agent pal --timeout 10
+      ragloop chat --agent react --no-constrained   # free decoding (/set constrained on|off inside)
     """
     from ragloop.agents.repl import ChatSession, run_repl
 
@@ -178,7 +225,8 @@ def chat_cmd(
         raise UsageError(f"unknown agent {agent!r}", hint="choose rag, react, pal or cot")
     if agent == "rag" and not index:
         raise UsageError("the rag agent needs an index", hint="ragloop chat --index mydocs")
-    session = ChatSession(agent=agent, settings={"temperature": temperature, "seed": seed})
+    session = ChatSession(agent=agent, settings={"temperature": temperature, "seed": seed,
+                                                 "constrained": resolve_constrained(constrained, policy)})
     if not 0 < timeout <= 3600:
         raise UsageError(f"--timeout must be in (0, 3600] seconds, got {timeout}")
     if index:

@@ -122,3 +122,16 @@ def test_subprocess_ask(tmp_path):
                                                                           "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "12"
+
+
+def test_ask_samples_runs_the_agent_n_times_and_votes(tmp_path, capsys, ragloop_home):
+    """--samples N: N whole PAL runs (one episode each), the majority answer, votes and ties shown."""
+    save = tmp_path / "t.jsonl"
+    rc = main(["ask", "A pen costs $2. How much do 6 pens cost?", "--agent", "pal", "--samples", "3", "--save",
+               str(save), "--policy", script(tmp_path, ["\n    return 12\n", "\n    return 11\n", "\n    return 6 * 2\n"])])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "votes over 3 runs: 12: 2, 11: 1" in captured.err
+    trace = read_traces(save)[0]
+    assert trace.answer == "12" and trace.meta["samples"]["answers"] == ["12", "11", "12"]
+    assert trace.meta["samples"]["tie"] is None and trace.decoding["temperature"] == 0.7
