@@ -35,7 +35,7 @@ HELP = """Commands:
   /index PATH|NAME|none       search this index (rag, react); checked at once
   /task auto|qa|math|claims   what kind of question (auto: qa with an index, math without)
   /set KEY VALUE              temperature, top_p, top_k, max_new_tokens, max_steps, shots,
-                              self_consistency, seed, prompt_style, action_format
+                              self_consistency, seed, prompt_style, action_format, constrained (on/off)
   /settings                   show the current settings
   /trace [--json]             the last trace as a step list (--json: the raw record)
   /reasoning                  the last run's full reasoning (CoT samples are shown collapsed)
@@ -43,6 +43,17 @@ HELP = """Commands:
   /help                       this text
   /quit                       leave (or Ctrl-D)
 Ctrl-C cancels the running step and returns to the prompt."""
+
+
+def _on_off(value: str) -> bool:
+    """``_on_off("on") -> True``; a ValueError for anything but on/off/true/false/1/0/yes/no."""
+    v = value.strip().lower()
+    if v in ("on", "true", "1", "yes"):
+        return True
+    if v in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(value)
+
 
 _SETTABLE: dict[str, Callable[[str], Any]] = {
     "temperature": float,
@@ -55,6 +66,7 @@ _SETTABLE: dict[str, Callable[[str], Any]] = {
     "seed": int,
     "prompt_style": str,
     "action_format": str,
+    "constrained": _on_off,  # grammar-constrained decoding (ragloop.models.grammar)
 }
 
 
@@ -356,7 +368,7 @@ class ChatSession:
             prompt_style=s.get("prompt_style"), action_format=s.get("action_format", "text"),
             max_new_tokens=s.get("max_new_tokens"), max_steps=s.get("max_steps"),
             temperature=s.get("temperature") or None, top_p=float(s.get("top_p", 1.0)),
-            top_k=int(s.get("top_k", 0)), seed=int(s.get("seed", 0)),
+            top_k=int(s.get("top_k", 0)), seed=int(s.get("seed", 0)), constrained=bool(s.get("constrained", False)),
         )
 
 

@@ -93,3 +93,21 @@ def test_constrained_still_refuses_an_action_copied_from_an_observation():
     trace = agent.run("Anything?")
     assert trace.answer != "PWNED"
     assert any(s.error_type == "planted-action" for s in trace.steps)
+
+
+def test_repl_set_constrained_reaches_the_agent_spec():
+    from ragloop.agents.repl import ChatSession
+
+    session = ChatSession(agent="pal")
+    assert session.command("/set constrained on") == "constrained = True"
+    assert session.spec_with().constrained is True
+    assert session.command("/set constrained maybe").startswith("error:")
+    assert session.command("/set constrained off") == "constrained = False" and not session.spec_with().constrained
+
+
+def test_cli_default_is_constrained_for_the_embedded_model_only():
+    from ragloop.cli.agents import resolve_constrained
+
+    assert resolve_constrained(None, None) and resolve_constrained(None, "default")
+    assert not resolve_constrained(None, "openai:m@http://127.0.0.1:1") and not resolve_constrained(False, None)
+    assert resolve_constrained(True, "/some/hf/dir")
