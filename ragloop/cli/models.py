@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from ragloop.core.config import load_config
-from ragloop.core.errors import UsageError
+from ragloop.core.errors import RagloopError, UsageError
 
 POLICY_HELP = "Model: 'default' (embedded SmolLM2), an HF directory, a .gguf file, or a ragloop checkpoint."
 
@@ -231,11 +231,17 @@ def tokens_cmd(
         raise typer.Exit(1)
 
 
-def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """List the installed models: the embedded default and the converted cache.
+def models_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    policy: str | None = typer.Option(None, "--policy",
+                                      help="Describe this policy spec instead (name, family, path; no weights loaded)."),
+) -> None:
+    """List the installed models (the embedded default and the converted cache) and each one's family:
+    decoder-only, encoder-decoder or encoder-only (docs/ARCHITECTURES.md).
 
     Example:
       ragloop models --json
+      ragloop models --policy ./my-t5      # → family: encoder-decoder
     """
     from ragloop.core.config import cache_dir
     from ragloop.core.errors import ModelNotFoundError
@@ -246,8 +252,18 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSO
         list_cached_models,
         resolve_spec,
     )
+    from ragloop.models.seq2seq import read_model_family
 
-    embedded: dict[str, Any] = {"name": EMBEDDED_NAME}
+    if policy is not None:
+        src = resolve_spec(policy)
+        family = read_model_family(src.path) if src.kind == "hf" else "decoder-only"
+        info = {"name": src.name, "kind": src.kind, "family": family, "path": str(src.path)}
+        if as_json:
+            typer.echo(json.dumps(info))
+        else:
+            _console().print(f"{info['name']}: {family} ({src.kind}) {info['path']}", markup=False)
+        return
+    embedded: dict[str, Any] = {"name": EMBEDDED_NAME, "family": "decoder-only"}
     try:
         src = resolve_spec(None)
         conv = converted_dir(src)
@@ -256,6 +272,11 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSO
     except ModelNotFoundError:
         embedded.update(installed=False, hint=INSTALL_HINT)
     cached = list_cached_models()
+    for e in cached:
+        try:
+            e["family"] = read_model_family(e["path"])
+        except RagloopError:
+            e["family"] = "?"
     cpu = _cpu_summary()
     if as_json:
         typer.echo(json.dumps({"embedded": embedded, "cache_dir": str(cache_dir()), "cached": cached, "cpu": cpu}))
@@ -265,7 +286,7 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSO
     console = _console()
     if embedded["installed"]:
         state = "converted" if embedded["converted"] else "not converted yet (first use converts, ~20 s)"
-        console.print(f"embedded default: {EMBEDDED_NAME}  {embedded['path']}  "
+        console.print(f"embedded default: {EMBEDDED_NAME} (decoder-only)  {embedded['path']}  "
                       f"{embedded['bytes'] / 1e6:.1f} MB (GGUF), {state}", markup=False)
     else:
         console.print(f"embedded default: not installed ({INSTALL_HINT})", markup=False)
@@ -274,13 +295,14 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSO
                   f"model), {cpu['precision_auto']['other']} for others; bf16 kernel: {cpu['kernels']['bf16']['small']}; "
                   f"training bf16 autocast: {'yes' if cpu['autocast_bf16'] else 'no (fp32)'}", markup=False)
     table = Table(title=f"converted models in {cache_dir() / 'models'}")
-    for col in ("name", "params", "context", "size", "status", "path"):
+    for col in ("name", "family", "params", "context", "size", "status", "path"):
         table.add_column(col, overflow="fold")
     for e in cached:
         params = f"{e['params'] / 1e6:.1f}M" if e.get("params") else "?"
         size = f"{e['bytes'] / 1e6:.0f} MB" if e.get("bytes") else "?"
         status = "ok" if e["ok"] else f"damaged: {e.get('problem')}"
-        table.add_row(str(e.get("name")), params, str(e.get("context_window") or "?"), size, status, e["path"])
+        table.add_row(str(e.get("name")), str(e.get("family", "?")), params, str(e.get("context_window") or "?"), size,
+                      status, e["path"])
     console.print(table)
 
 
