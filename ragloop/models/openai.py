@@ -69,7 +69,9 @@ def _grammar_extra(cfg: GenerationConfig) -> dict[str, Any]:
     if g is None:
         return {}
     if g.kind == "json_schema":
-        return {"guided_json": json.loads(g.source)}
+        schema = json.loads(g.source)
+        schema.pop("x-guidance", None)  # llguidance's formatting options: not every server's engine takes them
+        return {"guided_json": schema}
     return {"guided_regex": g.source} if g.kind == "regex" else {"guided_grammar": g.source}
 
 

@@ -33,6 +33,9 @@ from typing import Any
 from ragloop.core.errors import UsageError
 from ragloop.models.types import GrammarSpec
 
+# compact one-line JSON (llguidance's "x-guidance" options; other JSON-schema engines ignore unknown keys):
+# free whitespace lets a small model spend its whole token budget on blanks inside a valid object
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CALL_FORMAT = '{"name": "<tool name>", "arguments": {<arguments as the tool\'s JSON schema says>}}'
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -69,6 +72,11 @@ def _function_of(tool: Any, i: int) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise UsageError(f"tools[{i}].function.parameters must be a JSON schema object")
     return {"name": fn["name"], "description": str(fn.get("description") or ""), "parameters": params}
+
+
+def grammar_for_schema(schema: dict[str, Any], name: str) -> GrammarSpec:
+    """A JSON-schema ``GrammarSpec`` for ``schema`` that asks for compact one-line JSON (``JSON_STYLE``)."""
+    return GrammarSpec("json_schema", json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False), name=name)
 
 
 def call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -128,7 +136,7 @@ def plan_tools(tools: Sequence[Any] | None, tool_choice: Any = None) -> ToolPlan
     return ToolPlan(
         tools=chosen,
         force=True,
-        grammar=GrammarSpec("json_schema", json.dumps(call_schema(chosen)), name=label),
+        grammar=grammar_for_schema(call_schema(chosen), label),
         instructions=tools_instructions(chosen, force=True),
     )
 
@@ -142,7 +150,7 @@ def response_format_grammar(response_format: Any) -> tuple[GrammarSpec | None, s
     if kind == "text":
         return None, ""
     if kind == "json_object":
-        return GrammarSpec("json_schema", '{"type": "object"}', name="json_object"), "Answer with a JSON object."
+        return grammar_for_schema({"type": "object"}, "json_object"), "Answer with a JSON object."
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
@@ -150,7 +158,7 @@ def response_format_grammar(response_format: Any) -> tuple[GrammarSpec | None, s
             raise UsageError("response_format.json_schema.schema must be a JSON schema object")
         name = str(spec.get("name") or "schema")
         text = json.dumps(schema, ensure_ascii=False)
-        return (GrammarSpec("json_schema", text, name=f"json:{name}"),
+        return (grammar_for_schema(schema, f"json:{name}"),
                 f"Answer with only a JSON object that matches this JSON schema: {text}")
     raise UsageError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
 
