@@ -111,3 +111,24 @@ def test_cli_default_is_constrained_for_the_embedded_model_only():
     assert resolve_constrained(None, None) and resolve_constrained(None, "default")
     assert not resolve_constrained(None, "openai:m@http://127.0.0.1:1") and not resolve_constrained(False, None)
     assert resolve_constrained(True, "/some/hf/dir")
+
+
+def test_pal_and_cot_pass_their_grammar_and_record_it():
+    from ragloop.agents.cot import CoTAgent, CoTConfig, final_answer_line
+    from ragloop.agents.pal import PALAgent, PALConfig
+
+    pal_policy = ScriptedPolicy(["\n    pens = 18 / 3\n    return pens * 2\n"])
+    trace = PALAgent(pal_policy, PALConfig(shots=1, constrained=True)).run("18 pens at 3 for $2?")
+    assert pal_policy.calls[0].cfg.grammar.name == "pal" and trace.decoding["grammar"]["name"] == "pal"
+    assert trace.answer == "12" and not trace.steps[0].repairs
+
+    cot_policy = ScriptedPolicy([" 2 + 3 = 5.\nThe answer is 5."])
+    trace = CoTAgent(cot_policy, CoTConfig(shots=2, constrained=True)).run("2 + 3?")
+    cfg = cot_policy.calls[0].cfg
+    assert cfg.grammar.name == "cot" and cfg.stop == []  # the grammar ends the text; no stop string can cut it
+    assert "\nThe answer is" in cot_policy.calls[0].text  # exemplars shown in the grammar's layout
+    assert trace.answer == "5" and trace.finished
+    assert final_answer_line("a. The answer is 8.") == "a.\nThe answer is 8."
+    free = ScriptedPolicy([" 2 + 3 = 5. The answer is 5."])
+    CoTAgent(free, CoTConfig(shots=2)).run("2 + 3?")
+    assert free.calls[0].cfg.grammar is None and free.calls[0].cfg.stop
