@@ -1,7 +1,8 @@
 """The policy model: loading (embedded default, HF directory, GGUF), chat rendering, decoding, scoring.
 
-``load_policy(spec)`` returns a ``LocalPolicy`` (the ``Policy`` protocol of ``types``); ``ScriptedPolicy``
-is a deterministic stand-in for tests; ``build_tiny_llama`` a tiny random model for fast tests.
+``load_policy(spec)`` returns a ``LocalPolicy`` (the ``Policy`` protocol of ``types``), or a ``Seq2SeqPolicy``
+for an encoder-decoder directory (``seq2seq``); ``ScriptedPolicy`` is a deterministic stand-in for tests;
+``build_tiny_llama`` / ``build_tiny_t5`` tiny random models for fast tests; ``tokenizer`` the tokenizer front door.
 Heavy modules (torch, transformers) are imported on first use so ``import ragloop.models`` stays cheap.
 """
 
@@ -33,6 +34,12 @@ _LAZY = {
     "HFStepper": "ragloop.models.decoding",
     "sequence_logprobs": "ragloop.models.decoding",
     "PolicyChatModel": "ragloop.models.langchain_chat",
+    "Seq2SeqPolicy": "ragloop.models.seq2seq",
+    "model_family": "ragloop.models.seq2seq",
+    "span_corrupt": "ragloop.models.seq2seq",
+    "build_tiny_t5": "ragloop.models.tiny",
+    "IncrementalDetokenizer": "ragloop.models.tokenizer",
+    "round_trip": "ragloop.models.tokenizer",
 }
 
 

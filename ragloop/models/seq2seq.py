@@ -17,10 +17,12 @@ temperature, top-k, top-p, repetition penalty, stop strings, n candidates, logpr
 ``Seq2SeqStepper``: ``prefill`` runs the encoder once on the prompt and the decoder on its start token;
 ``step`` feeds one decoder token with the self-attention cache. The prompt (a raw string, or chat messages
 rendered with the tokenizer's chat template) is the *encoder* input; the generation is the decoder's.
-``prompt_tokens`` counts encoder tokens. The repetition penalty counts the prompt's tokens as seen, as for the
-decoder-only policy (transformers counts only decoder tokens for encoder-decoders). The encoder and the
-decoder each have the context window (``n_positions``), checked separately. Grammar-constrained decoding is
-not offered for this family (a UsageError says so).
+``prompt_tokens`` counts encoder tokens. A raw string is therefore input, not text to continue: a prompt that
+prefills the start of the answer (PAL's raw style) does not carry over — the decoder starts afresh. The
+repetition penalty counts the prompt's tokens as seen, as for the decoder-only policy (transformers counts
+only decoder tokens for encoder-decoders). The encoder and the decoder each have the context window
+(``n_positions``), checked separately. Grammar-constrained decoding, the fast decode path and reduced
+precisions are not offered for this family (a UsageError says so).
 
 SFT trains it with the loss on the target only: the encoder reads the conversation up to an assistant turn,
 the decoder learns that turn (``ragloop.alignment.seq2seq_data``). PPO is not offered for this family.
