@@ -131,9 +131,7 @@ def to_policy_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4:
-        raise APIError(400, f"at most 4 stop sequences, got {len(stops)}", param="stop")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])  # no limit of 4 (OpenAI's): PAL sends 6
     if any(not s for s in stops):
         raise APIError(400, "stop sequences must be non-empty strings", param="stop")
     return stops
