@@ -12,10 +12,20 @@ Same model (the embedded SmolLM2-135M-Instruct, fp32), same prompts, same run:
   and whether fp32-fast greedy tokens are identical to ``generate``'s;
 - with ``--pal N``, a task score: the PAL agent (8-shot, greedy, seed 0, the sandbox) on the first N
   ``test_dev300.jsonl`` questions decoded with fp32 and with ``--precision`` — accuracy with a 95% CI each,
-  and how many questions got the same answer (the gate for offering a reduced precision).
+  and how many questions got the same answer (the gate for offering a reduced precision);
+- llama.cpp (llama-cpp-python, the ``[bench]`` extra) as a column: the same embedded Q4_1 GGUF file, the same
+  prompt token ids, the same number of new tokens (end-of-sequence ignored), greedy, ``--threads`` threads,
+  prefill included — single stream, best of ``--reps``. Absent package: the JSON says so (``llamacpp``).
+
+Every figure is tied to the CPU it ran on: ``cpu_capability`` (torch's kernel level) and ``cpu_class``
+(``ragloop.models.cpu``; forced classes and ``ATEN_CPU_CAPABILITY`` emulations are stated), and
+``precision_auto`` is what ``--precision auto`` resolves to there. ``fastest_passing_gate`` is the fastest
+single-stream precision whose next-token agreement with fp32 is ≥ ``--gate`` — the entry of
+``cpu.AUTO_PRECISION`` this run supports (the PAL score is the second half of the gate: ``--pal``).
 
 End-of-sequence is disabled on both sides (``min_new_tokens`` / no end ids) so both decode exactly the same
-number of tokens. The last line printed is one JSON object. Run: ``.venv/bin/python benchmarks/bench_decode.py``.
+number of tokens. The last line printed is one JSON object. Run: ``.venv/bin/python benchmarks/bench_decode.py``
+(AVX2 on an AVX-512 machine: prefix ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``).
 """
 
 from __future__ import annotations
@@ -75,6 +85,30 @@ def fast_generate(stepper, tok, ids: list[int], n_new: int, *, n: int = 1, sampl
     cfg = GenerationConfig(max_new_tokens=n_new, greedy=not sample, temperature=0.8, n=n, seed=0)
     run = DecodeRun(stepper, [ids], cfg, tokenizer=tok, end_ids=set(), pad_id=tok.pad_token_id)
     return [g.token_ids for g in run.results()[0]]
+
+
+def llamacpp_model(threads: int):
+    """llama-cpp-python over the embedded Q4_1 GGUF (the file our weights are dequantised from), or the reason
+    it is unavailable (a str)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        return (f"llama-cpp-python is not installed ({e.name}): pip install -e '.[bench]' "
+                "(it compiles llama.cpp: ~10+ minutes on 2 cores)")
+    from ragloop.models.loading import embedded_gguf_path
+
+    return Llama(model_path=str(embedded_gguf_path()), n_ctx=1024, n_batch=512, n_threads=threads,
+                 n_threads_batch=threads, seed=0, verbose=False)
+
+
+def llamacpp_generate(llm, ids: list[int], n_new: int) -> list[int]:
+    """Greedy (top_k=1), ``n_new`` tokens whatever they are (end-of-sequence included), prefill included."""
+    out = []
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(tok))
+        if len(out) >= n_new:
+            break
+    return out
 
 
 # -- quality ---------------------------------------------------------------------------------------------
@@ -164,7 +198,13 @@ def levers(model, tok) -> dict:
     import torch.nn.functional as F
 
     from ragloop.models.decoding import HFStepper
-    from ragloop.models.fast import FastStepper, _Int4Linear, make_stepper, quantize_int8_per_channel
+    from ragloop.models.fast import (
+        FastStepper,
+        _Bf16FallbackLinear,
+        _Int4Linear,
+        make_stepper,
+        quantize_int8_per_channel,
+    )
 
     weights = []
     for layer in model.model.layers:
@@ -183,6 +223,8 @@ def levers(model, tok) -> dict:
         "fp32 oneDNN prepacked": (lambda w: pack(w, torch.float32),
                                   lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), torch.float32),
         "bf16 F.linear": (lambda w: w.bfloat16(), lambda x, w: F.linear(x, w), torch.bfloat16),
+        "bf16 weights, fp32 compute per call": (lambda w: w.bfloat16(), lambda x, w: F.linear(x, w.float()), torch.float32),
+        "bf16 fallback (ragloop)": (lambda w: _Bf16FallbackLinear(w), lambda x, w: w(x), torch.float32),
         "bf16 oneDNN prepacked": (lambda w: pack(w, torch.bfloat16),
                                   lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), torch.bfloat16),
         "int8 weight-only": (lambda w: [(q, s.bfloat16()) for q, s in [quantize_int8_per_channel(w.float())]][0],
@@ -196,7 +238,11 @@ def levers(model, tok) -> dict:
             call(xs[w.shape[1]], p)
 
     for name, (prep, call, dt) in kernels.items():
-        packed = [prep(w) for w in weights]
+        try:
+            packed = [prep(w) for w in weights]
+        except RuntimeError as e:  # oneDNN's bf16 path on a CPU without it (AVX2, ARM)
+            out["matmuls_ms_per_step"][name] = f"unavailable: {str(e).splitlines()[0][:120]}"
+            continue
         row = {}
         for m_rows in (1, 16):
             xs = {k: torch.randn(m_rows, k, dtype=dt) for k in {w.shape[1] for w in weights}}
@@ -237,7 +283,10 @@ def levers(model, tok) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precision", choices=PRECISIONS, default="int4", help="precision of the top-level figures")
+    ap.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                    help="precision of the top-level figures (auto: what --precision auto picks on this CPU)")
+    ap.add_argument("--gate", type=float, default=0.97, help="next-token agreement a precision needs to pass")
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp column")
     ap.add_argument("--single-tokens", type=int, default=64, help="new tokens per single-stream prompt")
     ap.add_argument("--batch-tokens", type=int, default=48, help="new tokens per candidate, n=16")
     ap.add_argument("--reps", type=int, default=2, help="timed runs per measurement; the best is kept")
@@ -250,14 +299,23 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(ROOT))
-    from ragloop.models.fast import make_stepper
+    from ragloop.models.cpu import detect_cpu, resolve_precision
+    from ragloop.models.fast import make_stepper, weights_on_int4_grid
     from ragloop.models.loading import load_model_and_tokenizer
 
     t0 = time.perf_counter()
     load_before = round(os.getloadavg()[0], 2)  # a busy machine slows both sides; recorded with the figures
     model, tok, _ = load_model_and_tokenizer()
+    info = detect_cpu()
+    cpu = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_class": info.capability,
+           "cpu_forced": info.forced, "cpu_flags": info.describe(),
+           "emulation": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+           or None}
+    precision_auto = resolve_precision("auto", info, q4_grid=weights_on_int4_grid(model))
+    if args.precision == "auto":
+        args.precision = precision_auto
     if args.levers:
-        result = {"bench": "decode_levers", "threads": args.threads, **levers(model, tok),
+        result = {"bench": "decode_levers", "threads": args.threads, **cpu, **levers(model, tok),
                   "loadavg_1m": [load_before, round(os.getloadavg()[0], 2)],
                   "total_s": round(time.perf_counter() - t0, 1)}
         print(json.dumps(result))
@@ -279,9 +337,18 @@ def main(argv: list[str] | None = None) -> dict:
             return hf_generate(model, tok, ids, n_new, n=n, sample=sample).tolist()
         return fast_generate(sides[side], tok, ids, n_new, n=n, sample=sample)
 
+    llm = None if args.no_llamacpp else llamacpp_model(args.threads)
+    llamacpp_absent = llm if isinstance(llm, str) else ("skipped (--no-llamacpp)" if args.no_llamacpp else None)
+    if isinstance(llm, str):
+        print(f"llama.cpp column absent: {llm}", file=sys.stderr)
+        llm = None
     for side in sides:
         run(side, prompts[0], 2)
         run(side, batch_prompt, 2, n=16, sample=True)
+    if llm is not None:
+        llamacpp_generate(llm, prompts[0], 2)
+    lc_single = [[float("inf")] * 2 for _ in prompts]
+    lc_tokens: list[list[int]] = [[] for _ in prompts]
     # wall seconds and CPU seconds of this process (the latter is distorted much less by other jobs)
     single = {side: [[float("inf")] * 2 for _ in prompts] for side in sides}
     batch = {side: [float("inf")] * 2 for side in sides}
@@ -294,6 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
                 cpu = time.process_time() - cpu
                 single[side][i] = [min(single[side][i][0], sec), min(single[side][i][1], cpu)]
                 tokens[side][i] = out[0]
+            if llm is not None:
+                c = time.process_time()
+                sec, lc_tokens[i] = timed(lambda ids=ids: llamacpp_generate(llm, ids, n1))
+                lc_single[i] = [min(lc_single[i][0], sec), min(lc_single[i][1], time.process_time() - c)]
         for side in sides:
             cpu = time.process_time()
             sec, _ = timed(lambda side=side: run(side, batch_prompt, nb, n=16, sample=True))
@@ -330,11 +401,32 @@ def main(argv: list[str] | None = None) -> dict:
         per[prec]["vs_hf_fp32"] = agreement(fast, ref_logits)
 
     top = per[args.precision]
+    passing = [p for p in PRECISIONS if per[p]["vs_hf_fp32"]["top1_agreement"] >= args.gate]
+    llamacpp: dict = {"absent": llamacpp_absent} if llm is None else {
+        "single_tok_s": round(single_tokens / sum(t[0] for t in lc_single), 2),
+        "single_tok_per_cpu_s": round(single_tokens / sum(t[1] for t in lc_single), 2),
+        # greedy tokens equal to our fp32 path's, up to the first difference (same weights, other arithmetic)
+        "same_greedy_prefix": [next((j for j, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), min(len(x), len(y)))
+                               for x, y in zip(lc_tokens, tokens["fp32"], strict=True)],
+        "llama_cpp_python": __import__("llama_cpp").__version__,
+    }
+    lc_tok_s = llamacpp.get("single_tok_s")
     result = {
         "bench": "decode",
         "model": "SmolLM2-135M-Instruct (embedded, fp32 HF weights)",
         "precision": args.precision,
+        "precision_auto": precision_auto,
+        **cpu,
         "threads": args.threads,
+        "single_llamacpp_tok_s": lc_tok_s,
+        "single_ratio_vs_llamacpp": round(top["single_tok_s"] / lc_tok_s, 2) if lc_tok_s else None,
+        "single_cpu_ratio_vs_llamacpp": (round(top["single_tok_per_cpu_s"] / llamacpp["single_tok_per_cpu_s"], 2)
+                                         if lc_tok_s else None),
+        "batch16_ratio_vs_llamacpp_single": round(top["batch16_tok_s"] / lc_tok_s, 2) if lc_tok_s else None,
+        "llamacpp": llamacpp,
+        "gate_next_token_agreement": args.gate,
+        "passing_gate": passing,
+        "fastest_passing_gate": max(passing, key=lambda p: per[p]["single_tok_s"]) if passing else None,
         "single_ref_tok_s": ref["single_tok_s"],
         "single_fast_tok_s": top["single_tok_s"],
         "single_ratio": round(top["single_tok_s"] / ref["single_tok_s"], 2),

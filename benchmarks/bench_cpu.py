@@ -1,0 +1,165 @@
+"""What the CPU-dependent defaults of ``ragloop.models.cpu`` cost or buy, each against its baseline in one run.
+
+Two measurements (``--mode``), each printing one JSON line:
+
+- ``sft``: one SFT training step (forward + backward + AdamW) of the embedded SmolLM2-135M on a batch of
+  GSM8K-length rows, with bf16 autocast vs fp32 — the choice ``cpu.autocast_bf16()`` makes. Run it under
+  ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` to see the AVX2 side on an AVX-512 machine (an
+  emulation: same silicon, AVX2 kernels; bf16 is then converted in software, as on a real AVX2 CPU);
+- ``threads``: greedy decode speed (the fast path at ``--precision``, 64 tokens, best of ``--reps``) in child
+  processes started with the default thread count (``configure_threads()``: physical cores not busy now)
+  and with 1 thread, while ``--hogs`` busy-loop processes (bounded by ``--hog-seconds``) hold cores, the
+  situation of a machine shared with other work (issue 9: 2 threads decoded 4× slower than 1 there).
+
+States the CPU capability (``torch.backends.cpu.get_cpu_capability()`` and ragloop's class) and the load
+average. Run: ``.venv/bin/python benchmarks/bench_cpu.py --mode sft`` or ``--mode threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_fields() -> dict:
+    import torch
+
+    from ragloop.models.cpu import detect_cpu
+
+    info = detect_cpu()
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_class": info.capability,
+            "emulated": os.environ.get("ATEN_CPU_CAPABILITY") is not None,
+            "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}}
+
+
+def sft_steps(args: argparse.Namespace) -> dict:
+    """Seconds per SFT step, bf16 autocast vs fp32, interleaved rep by rep; the best of ``--reps`` each."""
+    import torch
+
+    from ragloop.alignment.sft import token_nll_sum
+    from ragloop.models.loading import load_model_and_tokenizer
+
+    torch.set_num_threads(args.threads)
+    model, tok, _ = load_model_and_tokenizer()
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40000, (args.batch, args.length), generator=g)  # (B, T)
+    labels = ids.clone()
+    labels[:, : args.length // 2] = -100  # the prompt half is masked, as in SFT rows
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step(bf16: bool) -> tuple[float, float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        loss, n = token_nll_sum(model, batch, bf16=bf16)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t, time.process_time() - c, float(loss.detach()) / n
+
+    step(False), step(True)  # warm-up: allocator, oneDNN primitives
+    best = {"fp32": [float("inf")] * 2, "bf16": [float("inf")] * 2}
+    loss = {}
+    for _ in range(args.reps):
+        for name in ("fp32", "bf16"):
+            wall, cpu, loss[name] = step(name == "bf16")
+            best[name] = [min(best[name][0], wall), min(best[name][1], cpu)]
+    return {
+        "bench": "sft_autocast", **cpu_fields(), "threads": args.threads, "batch": args.batch, "tokens": args.length,
+        "fp32_step_s": round(best["fp32"][0], 2), "bf16_step_s": round(best["bf16"][0], 2),
+        "fp32_step_cpu_s": round(best["fp32"][1], 2), "bf16_step_cpu_s": round(best["bf16"][1], 2),
+        "bf16_speedup": round(best["fp32"][0] / best["bf16"][0], 2),
+        "bf16_speedup_cpu": round(best["fp32"][1] / best["bf16"][1], 2),
+        "last_loss": {k: round(v, 4) for k, v in loss.items()},
+    }
+
+
+_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, {root!r})
+from ragloop.models.cpu import configure_threads
+n = configure_threads({threads})
+import torch
+from ragloop.models.decoding import DecodeRun
+from ragloop.models.fast import make_stepper
+from ragloop.models.loading import load_model_and_tokenizer
+from ragloop.models.types import GenerationConfig
+model, tok, _ = load_model_and_tokenizer()
+st = make_stepper(model, precision={precision!r})
+text = tok.apply_chat_template([{{"role": "user", "content": "Explain how a refrigerator keeps food cold."}}],
+                               tokenize=False, add_generation_prompt=True)
+ids = tok(text, add_special_tokens=False).input_ids
+cfg = GenerationConfig(max_new_tokens={tokens}, greedy=True, seed=0)
+def once():
+    t = time.perf_counter()
+    DecodeRun(st, [ids], cfg, tokenizer=tok, end_ids=set(), pad_id=tok.pad_token_id).results()
+    return time.perf_counter() - t
+once()
+best = min(once() for _ in range({reps}))
+print(json.dumps({{"threads": n, "torch_threads": torch.get_num_threads(), "tok_s": round({tokens} / best, 2)}}))
+"""
+
+
+def decode_child(threads: int | None, args: argparse.Namespace) -> dict:
+    code = _CHILD.format(root=str(ROOT), threads=threads, precision=args.precision, tokens=args.tokens, reps=args.reps)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAGLOOP_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode != 0:
+        raise SystemExit(f"decode child failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def threads_under_load(args: argparse.Namespace) -> dict:
+    """Default thread count vs 1 thread, interleaved, each in a fresh process, with ``--hogs`` busy loops."""
+    hogs = [subprocess.Popen([sys.executable, "-c", f"import time\nt = time.time() + {args.hog_seconds}\n"
+                              "while time.time() < t: pass"]) for _ in range(args.hogs)]
+    try:
+        time.sleep(1.0)  # let the hogs show up in /proc/stat before the first child samples it
+        load_before = round(os.getloadavg()[0], 2)
+        runs: dict[str, list[dict]] = {"default": [], "one": []}
+        for _ in range(args.rounds):
+            runs["default"].append(decode_child(None, args))
+            runs["one"].append(decode_child(1, args))
+        load_after = round(os.getloadavg()[0], 2)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    best = {k: max(r["tok_s"] for r in v) for k, v in runs.items()}
+    return {
+        "bench": "threads_under_load", **cpu_fields(), "precision": args.precision, "tokens": args.tokens,
+        "hogs": args.hogs, "cores": os.cpu_count(), "default_threads_chosen": [r["threads"] for r in runs["default"]],
+        "default_tok_s": best["default"], "one_thread_tok_s": best["one"],
+        "default_vs_one_ratio": round(best["default"] / best["one"], 2),
+        "all_runs": runs, "loadavg_1m": [load_before, load_after],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("sft", "threads"), required=True, help="what to measure (see the docstring)")
+    ap.add_argument("--threads", type=int, default=1, help="sft: torch threads")
+    ap.add_argument("--batch", type=int, default=4, help="sft: rows per step")
+    ap.add_argument("--length", type=int, default=256, help="sft: tokens per row")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions; the best is kept")
+    ap.add_argument("--precision", default="int4", help="threads: decode precision of the fast path")
+    ap.add_argument("--tokens", type=int, default=64, help="threads: new tokens per decode")
+    ap.add_argument("--rounds", type=int, default=2, help="threads: child processes per setting (interleaved)")
+    ap.add_argument("--hogs", type=int, default=1, help="threads: busy-loop processes running meanwhile")
+    ap.add_argument("--hog-seconds", type=float, default=300, help="threads: the hogs stop after this at the latest")
+    args = ap.parse_args(argv)
+    result = sft_steps(args) if args.mode == "sft" else threads_under_load(args)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
