@@ -102,3 +102,16 @@ def test_langchain_openai_embeddings(scripted_server):
     got = np.array(emb.embed_documents(["a red apple", "blue sky"]))
     assert np.allclose(got, HashingEmbedder(64).embed_documents(["a red apple", "blue sky"]), atol=1e-6)
     assert np.allclose(emb.embed_query("blue sky"), got[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("agent", ["cot", "pal", "react"])
+def test_agents_run_unchanged_over_a_server(scripted_server, agent, ragloop_home):
+    """``ragloop ask --policy openai:...``: every agent, including those that render the chat template and
+    prefill it (PAL, ReAct), runs over HTTP."""
+    from ragloop.cli import main
+    from ragloop.models.scripted import ScriptedPolicy
+
+    answers = {"cot": "2 plus 3 is 5. The answer is 5.", "pal": "    return 2 + 3\n",
+               "react": " I know this.\nAction 1: Finish[5]"}
+    srv = scripted_server(ScriptedPolicy(lambda text, cfg: answers[agent], name="scripted"))
+    assert main(["ask", "What is 2+3?", "--agent", agent, "--policy", f"openai:scripted@{srv.base_url}"]) == 0
