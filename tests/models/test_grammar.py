@@ -147,3 +147,20 @@ def test_decode_run_hook_matches(tiny_policy):
                     end_ids=tiny_policy.end_ids, pad_id=tiny_policy.pad_id)
     g = run.results()[0][0]
     assert g.text.strip() in LABELS and g.finish_reason == "stop"
+
+
+def test_a_row_with_nothing_allowed_may_only_end():
+    """A broken matcher (error state) must not leave an all -inf row to sample from: only end tokens remain."""
+
+    class Broken:
+        def unsafe_compute_mask_ptr(self, ptr, size):
+            pass
+
+        def is_error(self):
+            return True
+
+    m = G.GrammarMatcher(Broken(), GrammarSpec("regex", "x"), [2, 31, 63])
+    row = G.allocate_bitmask(1, 64)[0]
+    m.fill_mask(row)
+    allowed = torch.isfinite(G.apply_bitmask(torch.zeros(1, 64), row.unsqueeze(0)))[0]
+    assert allowed.nonzero().flatten().tolist() == [2, 31, 63]
