@@ -164,6 +164,10 @@ def answer_notes(trace: Trace) -> list[str]:
     from ragloop.agents.rag import render_sources
 
     out: list[str] = []
+    if trace.meta.get("stop_reason") == "repeated-action":
+        rep = (trace.meta.get("repeated_actions") or [{}])[-1]
+        out.append(f"Note: the agent repeated the same action ({rep.get('action', '?')}) {rep.get('count', '?')} "
+                   "times without progress and was stopped.")
     if trace.fallback == "cot-sc":
         out.append("Note: the agent did not finish on its own; this answer comes from its fallback "
                    "(chain-of-thought self-consistency, without the documents).")

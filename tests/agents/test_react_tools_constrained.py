@@ -132,3 +132,12 @@ def test_pal_and_cot_pass_their_grammar_and_record_it():
     free = ScriptedPolicy([" 2 + 3 = 5. The answer is 5."])
     CoTAgent(free, CoTConfig(shots=2)).run("2 + 3?")
     assert free.calls[0].cfg.grammar is None and free.calls[0].cfg.stop
+
+
+def test_a_stopped_loop_is_said_under_the_answer():
+    from ragloop.agents.repl import answer_notes
+
+    same = " Check again.\nAction {i}: get_weather[Paris]"
+    agent, _ = _agent([same.format(i=i) for i in range(1, 7)], max_repeats=2)
+    notes = answer_notes(agent.run("Weather in Paris?"))
+    assert any("repeated the same action (get_weather" in n and "2 times" in n for n in notes)
