@@ -27,6 +27,7 @@ from typing import Any, Literal
 from ragloop.agents.base import AgentBase, EventHandler, messages_of, with_changes
 from ragloop.agents.docsearch import split_sentences
 from ragloop.agents.runtime import EpisodeGen, ModelCall
+from ragloop.agents.safety import injection_flags, neutralize_control
 from ragloop.core.errors import UsageError
 from ragloop.core.trace import Message, Source, Step, ToolCall, Trace
 from ragloop.models.types import GenerationConfig, Policy
@@ -203,7 +204,9 @@ class RAGAgent(AgentBase):
     def _passages(self, sources: Sequence[Source]) -> str:
         out = []
         for s in sources:
-            text = " ".join(s.text.split())
+            # passages are untrusted (SECURITY.md §4): no control characters or chat-template tokens reach the prompt
+            text = " ".join(neutralize_control(s.text, keep_newlines=False).split())
+            text = text.replace("<|", "< |").replace("|>", "| >")
             if len(text) > self.config.passage_chars:
                 text = text[: self.config.passage_chars].rstrip() + " … [cut]"
             head = f"({s.title}) " if s.title else ""
@@ -229,6 +232,8 @@ class RAGAgent(AgentBase):
         ts = time.perf_counter()
         hits = self.retriever.search(question, k=c.k, mode=c.mode)
         trace.sources = [source_of_hit(i, h) for i, h in enumerate(hits, 1)]
+        # planted instructions/answers in the passages flag the trace: it is kept out of training data
+        trace.injection_flags = injection_flags("\n".join(s.text for s in trace.sources))
         passages = self._passages(trace.sources)
         search = Step(index=1, action=ToolCall(name="Search", arguments={"query": question}),
                       observation=passages or "(no passages found)", retrieved_ids=[s.chunk_id for s in trace.sources],
@@ -262,7 +267,12 @@ class RAGAgent(AgentBase):
             trace.answer, trace.finished = text, True
         else:
             trace.fallback = "extractive"
-            trace.answer = f"{best_sentence(question, trace.sources[0].text)} [1]"
+            # never a sentence that carries a planted answer, action or instruction (retrieved text must not
+            # become the answer by its own syntax, issue 14)
+            planted = {"planted-answer", "planted-action", "instruction-override"}
+            clean = " ".join(s for s in split_sentences(trace.sources[0].text) if not planted & set(injection_flags(s)))
+            trace.answer = f"{best_sentence(question, clean)} [1]" if clean else \
+                "The documents do not say (the best passage holds only instruction-like text)."
             self._emit("fallback", "the model wrote no answer; showing the best-matching sentence of passage [1] "
                        "instead (extractive fallback)")
         mark_cited(trace.sources, text if text else trace.answer or "")
