@@ -46,6 +46,21 @@ log = logging.getLogger(__name__)
 # Tokens (rows × padded prompt length) prefilled in one forward pass: bounds the prefill's activation and
 # attention-mask memory (a (B, 1, T, T) fp32 mask at 16 × 2048 tokens is 256 MiB).
 PREFILL_TOKENS = 16384
+# Prompts of a new batch sharing at least this many leading tokens are prefilled with one copy of the
+# shared part (FastStepper.prefill_prefix): few-shot agents' prompts share their exemplars.
+MIN_SHARED_PREFIX = 32
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix: ``common_prefix_len([[1, 2, 3], [1, 2, 4]]) -> 2``."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(x) for x in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(x[i] != t for x in seqs):
+            return i
+    return n
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,6 +266,7 @@ class DecodeEngine:
         self._rows: list[_Row] = []  # rows in the running batch, in the stepper's row order
         self._logits: torch.Tensor | None = None  # (R, V) next-token logits of self._rows
         self._stepper: Any = None
+        self._prefix: list[int] = []  # the running batch's shared prompt prefix (prefix mode), else []
         self._capacity = max_rows
         self._max_len = 0
         self.steps = 0  # decode steps taken (for tests and benchmarks)
@@ -311,7 +327,7 @@ class DecodeEngine:
         """After a failed step the cache is unusable: fail ``ticket``, restart every other row from scratch."""
         log.debug("decode step failed (%r); restarting the other rows", error)
         others = [r for r in self._rows if r.ticket is not ticket]
-        self._rows, self._logits = [], None
+        self._rows, self._logits, self._prefix = [], None, []
         if self._stepper is not None and hasattr(self._stepper, "reset"):
             self._stepper.reset()
         self._stepper = None
@@ -385,44 +401,68 @@ class DecodeEngine:
         if not rows:  # the head row alone exceeds the stepper: give it a stepper of its own size
             rows = [self._waiting.popleft()]
             self._stepper = self.make_stepper(1, len(rows[0].prompt) + rows[0].cfg.max_new_tokens)
-        ids, mask = left_pad([r.prompt for r in rows], self.pad_id)  # (R, T)
-        self._logits = self._stepper.prefill(ids, mask)  # (R, V)
+        prompts = [r.prompt for r in rows]
+        # every prompt keeps at least one token of its own (the position whose logits start its generation)
+        shared = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+        if len(rows) > 1 and shared >= MIN_SHARED_PREFIX and hasattr(self._stepper, "prefill_prefix"):
+            ids, mask = left_pad([p[shared:] for p in prompts], self.pad_id)  # (R, T) suffixes
+            self._logits = self._stepper.prefill_prefix(prompts[0][:shared], ids, mask)  # (R, V)
+            self._prefix = prompts[0][:shared]
+        else:
+            ids, mask = left_pad(prompts, self.pad_id)  # (R, T)
+            self._logits = self._stepper.prefill(ids, mask)  # (R, V)
+            self._prefix = []
         self._rows = rows
-        self._init_seen(rows, ids, mask)
+        self._init_seen(rows)
+
+    def _joinable(self) -> bool:
+        """Waiting rows may join now: FIFO, so only while the oldest waiting row fits the running batch."""
+        if not self._waiting or not hasattr(self._stepper, "regroup") or not self._stepper.can_regroup():
+            return False
+        head = self._waiting[0].prompt
+        P = len(self._prefix)
+        return not P or (len(head) > P and head[:P] == self._prefix)
 
     def _maybe_join(self) -> None:
         """Let waiting rows join the running batch, dropping finished ones, when the stepper can regroup."""
-        if not self._waiting or not hasattr(self._stepper, "regroup"):
-            return
-        if not self._stepper.can_regroup():
+        if not self._joinable():
             return
         keep = [i for i, r in enumerate(self._rows) if r.finish is None]
         free = self._capacity - len(keep)
         if free <= 0:
             return
-        new = self._take_waiting(free, self._max_len or None)
+        P = len(self._prefix)
+        fits = sum(1 for _ in self._leading(lambda r: not P or (len(r.prompt) > P and r.prompt[:P] == self._prefix)))
+        new = self._take_waiting(min(free, fits), self._max_len or None)
         if not new:
             return
-        ids, mask = left_pad([r.prompt for r in new], self.pad_id)
+        ids, mask = left_pad([r.prompt[P:] for r in new], self.pad_id)
         new_logits = self._stepper.regroup(torch.tensor(keep, dtype=torch.long), ids, mask)  # (N, V)
         old = self._logits[keep] if self._logits is not None else new_logits[:0]
         self._logits = torch.cat([old, new_logits], dim=0)
         self._rows = [self._rows[i] for i in keep] + new
-        self._init_seen(new, ids, mask)
+        self._init_seen(new)
         self.joins += 1
 
+    def _leading(self, ok: Callable[[_Row], bool]) -> Iterator[_Row]:
+        """The waiting rows from the head while ``ok`` holds."""
+        for row in self._waiting:
+            if not ok(row):
+                return
+            yield row
+
     def _end_batch(self) -> None:
-        self._rows, self._logits = [], None
+        self._rows, self._logits, self._prefix = [], None, []
         if self._stepper is not None and hasattr(self._stepper, "reset"):
             self._stepper.reset()  # free the KV cache
         self._stepper = None
 
-    def _init_seen(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _init_seen(self, rows: list[_Row]) -> None:
         V = self._logits.shape[-1]
-        for k, row in enumerate(rows):
+        for row in rows:
             if row.cfg.repetition_penalty != 1.0:
                 seen = torch.zeros(V, dtype=torch.bool)
-                seen[ids[k][mask[k].bool()].clamp(max=V - 1)] = True
+                seen[torch.tensor(row.prompt).clamp(max=V - 1)] = True  # tokens of the prompt
                 row.seen = seen
 
     # -- choosing tokens ---------------------------------------------------------------------------------

@@ -415,6 +415,7 @@ class FastStepper:
         self._bias_p: torch.Tensor | None = None  # (U, T)
         self._n = 1  # rows per distinct prompt (1: no sharing)
         self._prompt_len = 0  # T
+        self._prefix: list[int] = []  # prefix mode: the token ids every row's prompt starts with (in _kp/_vp)
         self._pos: torch.Tensor | None = None  # (B,) position of the next token
         self._len = 0  # slots of self._k filled
         self._batch = 0
@@ -443,7 +444,7 @@ class FastStepper:
         cap, need = self._k[0].shape[2], self._len + 1
         if need <= cap:
             return
-        before = self._prompt_len if self._n > 1 else 0  # prompt slots held outside self._k
+        before = self._prompt_len if self._n > 1 else len(self._prefix)  # prompt slots held outside self._k
         if before + need > self.max_seq_len:
             raise ContextWindowError(
                 f"the sequence reached {before + need} tokens, more than max_seq_len={self.max_seq_len}",
@@ -499,8 +500,39 @@ class FastStepper:
 
         return attend
 
+    def _prefix_prefill_attend(self, kcache: list[torch.Tensor], vcache: list[torch.Tensor], bias: torch.Tensor):
+        """Prefill of prompt suffixes after the shared prefix (``_kp``/``_vp``, all rows): each suffix query
+        attends to the whole prefix and, causally, to its own suffix (``bias`` (B, 1, T, T) from prefill_bias)."""
+        P = len(self._prefix)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            B, T = q.shape[:2]
+            kc, vc = kcache[i], vcache[i]
+            kc[:, :, :T] = k.transpose(1, 2)  # (B, KV, T, hd)
+            vc[:, :, :T] = v.transpose(1, 2)
+            kp, vp = self._kp[i].expand(B, -1, -1, -1), self._vp[i].expand(B, -1, -1, -1)  # (B, KV, P, hd)
+            keys = torch.cat([kp, kc[:, :, :T]], dim=2)  # (B, KV, P+T, hd)
+            vals = torch.cat([vp, vc[:, :, :T]], dim=2)
+            mask = torch.cat([bias.new_zeros(B, 1, T, P), bias], dim=-1)  # (B, 1, T, P+T)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, enable_gqa=True)
+            return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*hd)
+
+        return attend
+
     def _step_attend(self):
         slot, end = self._len, self._len + 1
+        if self._prefix:
+            bias_p, bias_g = self._bias_p, self._bias[:, :end]
+
+            def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                kc, vc = self._k[i], self._v[i]
+                kc[:, :, slot:end] = k.transpose(1, 2)  # (B, KV, 1, hd)
+                vc[:, :, slot:end] = v.transpose(1, 2)
+                return shared_prefix_decode_attention(
+                    q[:, 0], self._kp[i], self._vp[i], bias_p, kc[:, :, :end], vc[:, :, :end], self.scale, bias_g
+                )
+
+            return attend
         if self._n > 1:
             bias_p = self._bias_p
 
@@ -528,6 +560,7 @@ class FastStepper:
         self._k, self._v, self._kp, self._vp = [], [], [], []
         self._bias = self._bias_p = self._pos = None
         self._len = self._batch = 0
+        self._prefix = []
 
     # -- the two calls of the Stepper protocol --------------------------------------------------------------
 
@@ -588,6 +621,52 @@ class FastStepper:
 
     # -- continuous batching (ragloop.models.engine) --------------------------------------------------------
 
+    @torch.inference_mode()
+    def prefill_prefix(
+        self, prefix_ids: list[int], input_ids: torch.LongTensor, attention_mask: torch.LongTensor
+    ) -> torch.Tensor:
+        """Start a batch whose prompts all begin with ``prefix_ids`` (P tokens, e.g. a few-shot block); the
+        (B, T) LEFT-padded ``input_ids`` are the rest of each prompt. Returns logits (B, V) at the last position.
+
+        The prefix is run and cached once (``_kp``/``_vp``, one row) and every row attends to it through
+        ``shared_prefix_decode_attention``, so B prompts sharing 900 tokens cost one 900-token prefill plus
+        their suffixes, and each decode step reads the prefix's cache once per KV head group instead of B
+        times. Rows may join (``regroup``) with suffixes of the same prefix. Same function as prefilling the
+        whole prompts: every key has its real position, padding sits between prefix and suffix, masked.
+        """
+        B, T = input_ids.shape
+        P = len(prefix_ids)
+        if P < 1 or B < 1 or T < 1:
+            raise UsageError("prefill_prefix needs a non-empty prefix and at least one suffix token per row")
+        if B > self.max_batch:
+            raise UsageError(f"batch {B} exceeds max_batch={self.max_batch}", hint="split the batch")
+        if P + T > self.max_seq_len:
+            raise ContextWindowError(f"the prompt has {P + T} tokens, more than max_seq_len={self.max_seq_len}")
+        am = attention_mask.to(torch.bool)
+        if not bool(am[:, -1].all()):
+            raise UsageError("suffixes must be LEFT-padded: the last position of every row must be a token")
+        self.reset()
+        ones = torch.ones(1, P, dtype=torch.bool)
+        self._kp, self._vp = self._zeros(1, P), self._zeros(1, P)
+        self._forward(torch.tensor([prefix_ids]), torch.arange(P)[None], self._prefill_attend(self._kp, self._vp,
+                                                                                            prefill_bias(ones)))
+        self._bias_p = torch.zeros(1, P)
+        self._prefix = list(prefix_ids)
+        pos = P + (am.long().cumsum(-1) - 1).clamp_min(0)  # (B, T): suffix tokens continue the prefix
+        cap = min(self.max_seq_len - P, T + self.reserve)
+        self._k, self._v = self._zeros(B, cap), self._zeros(B, cap)
+        bias = torch.zeros(B, T).masked_fill_(~am, float("-inf"))
+        self._bias = torch.cat([bias, bias.new_zeros(B, cap - T)], dim=1)  # (B, cap)
+        logits = self._forward(input_ids, pos, self._prefix_prefill_attend(self._k, self._v, prefill_bias(am)))
+        self._batch, self._n, self._prompt_len, self._len = B, 1, T, T
+        self._pos = pos[:, -1] + 1  # (B,)
+        return logits
+
+    @property
+    def prefix(self) -> list[int]:
+        """The shared prefix of the running batch ([] when there is none)."""
+        return self._prefix
+
     def can_regroup(self) -> bool:
         """True when rows can be dropped and added mid-decode (a running batch without a shared prompt cache)."""
         return self._pos is not None and self._n == 1
@@ -613,15 +692,18 @@ class FastStepper:
             raise UsageError("prompts must be LEFT-padded: the last position of every row must be a token")
         old = self._len
         L = max(old, T)
-        if L + 1 > self.max_seq_len:
+        if len(self._prefix) + L + 1 > self.max_seq_len:
             raise ContextWindowError(f"the prompt has {T} tokens, more than max_seq_len={self.max_seq_len}")
-        # the new rows on their own: a prefill into their own (N, KV, T, hd) cache
-        pos = (am.long().cumsum(-1) - 1).clamp_min(0)  # (N, T)
+        # the new rows on their own: a prefill into their own (N, KV, T, hd) cache (after the shared prefix in
+        # prefix mode: then input_ids are the prompts' suffixes)
+        P = len(self._prefix)
+        pos = P + (am.long().cumsum(-1) - 1).clamp_min(0)  # (N, T)
         bias_new = torch.zeros(N, T).masked_fill_(~am, float("-inf"))  # (N, T)
         kn, vn = self._zeros(N, T), self._zeros(N, T)
-        logits = self._forward(input_ids, pos, self._prefill_attend(kn, vn, prefill_bias(am)))  # (N, V)
+        make_attend = self._prefix_prefill_attend if P else self._prefill_attend
+        logits = self._forward(input_ids, pos, make_attend(kn, vn, prefill_bias(am)))  # (N, V)
         # merged cache: kept rows' slots [0, old) → [L - old, L); new rows' [0, T) → [L - T, L)
-        cap = min(self.max_seq_len, L + self.reserve)
+        cap = min(self.max_seq_len - len(self._prefix), L + self.reserve)
         B = K + N
         k_all, v_all = self._zeros(B, cap), self._zeros(B, cap)
         for dst, src_old, src_new in zip(k_all + v_all, self._k + self._v, kn + vn, strict=True):

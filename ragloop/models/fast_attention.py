@@ -64,12 +64,15 @@ def shared_prefix_decode_attention(
     kg: torch.Tensor,
     vg: torch.Tensor,
     scale: float,
+    bias_g: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query per row over a shared prompt cache and the row's own generated cache.
+    """One query per row over a shared prompt cache and the row's own cache.
 
     q (B, H, hd) with B = U*n rows, row ``r`` continuing prompt ``r // n``; kp/vp (U, KV, T, hd) the
-    prompts' cache; bias_p (U, T) additive (-inf at left padding); kg/vg (B, KV, L, hd) the generated
-    tokens' cache (all valid). Returns (B, 1, H*hd), equal to attention over ``[prompt, generated]``.
+    prompts' cache; bias_p (U, T) additive (-inf at left padding); kg/vg (B, KV, L, hd) the row's own
+    cache (its generated tokens, or a prompt suffix and its generated tokens); bias_g (B, L) additive, -inf
+    at the own cache's padding (None: all valid; every row needs one valid own slot). Returns
+    (B, 1, H*hd), equal to attention over ``[prompt, own]``.
     """
     B, H, hd = q.shape
     U, KV, T = kp.shape[0], kp.shape[1], kp.shape[2]
@@ -90,6 +93,8 @@ def shared_prefix_decode_attention(
 
     # generated part: each row's own keys
     sg = torch.bmm(q.reshape(B * KV, G, hd), kg.reshape(B * KV, L, hd).transpose(1, 2)).mul_(scale)  # (B*KV, G, L)
+    if bias_g is not None:
+        sg.add_(bias_g[:, None, None, :].expand(B, KV, 1, L).reshape(B * KV, 1, L))
     mg = sg.amax(dim=-1, keepdim=True)
     pg = sg.sub_(mg).exp_()
     lg = pg.sum(dim=-1, keepdim=True)

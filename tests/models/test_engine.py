@@ -177,3 +177,60 @@ def test_eight_threads_equal_sequential_on_the_real_model():
     seq = [pol.generate(p, cfg)[0].text for p in prompts]
     par = run_threads(lambda p: pol.generate(p, cfg)[0].text, prompts)
     assert par == seq
+
+
+# ---------------------------------------------------------------------------------- shared prompt prefixes
+SHARED = ("Q: Olivia has $23. She bought five bagels for $3 each. How much money does she have left?\n"
+          "A: She spent 5 * 3 = 15 dollars, so she has 23 - 15 = 8 dollars left. The answer is 8.\n\n")
+SUFFIXES = ["Q: What is 2 + 3?\nA:", "Q: Tom has 4 cats and 2 dogs. How many pets?\nA:", "Q: 10 - 7?\nA:",
+            "Q: A box holds 6 eggs. How many eggs in 3 boxes?\nA:"]
+
+
+def test_prefix_prefill_equals_whole_prompts(tiny_model, smol_tokenizer):
+    """FastStepper.prefill_prefix (one copy of the shared part) computes what prefilling every prompt does."""
+    from ragloop.models.decoding import left_pad
+    from ragloop.models.fast import make_stepper
+
+    prompts = [smol_tokenizer.encode(SHARED + s, add_special_tokens=False) for s in SUFFIXES]
+    P = 30
+    assert all(p[:P] == prompts[0][:P] for p in prompts)
+    whole, prefixed = make_stepper(tiny_model), make_stepper(tiny_model)
+    ids, mask = left_pad(prompts, 0)
+    ref = whole.prefill(ids, mask)
+    sids, smask = left_pad([p[P:] for p in prompts], 0)
+    got = prefixed.prefill_prefix(prompts[0][:P], sids, smask)
+    assert torch.allclose(ref, got, atol=1e-4)
+    nxt = ref.argmax(-1)
+    for _ in range(4):  # decode steps agree too
+        ref, got = whole.step(nxt), prefixed.step(nxt)
+        assert torch.allclose(ref, got, atol=1e-4)
+        nxt = ref.argmax(-1)
+
+
+def test_engine_shares_a_prefix_and_rows_join_it(tiny_model, smol_tokenizer):
+    from ragloop.models.local import LocalPolicy
+
+    pol = LocalPolicy.from_model(tiny_model, smol_tokenizer, name="tiny", backend="fast")
+    prompts = [SHARED + s for s in SUFFIXES]
+    solo = [pol.generate(p, greedy(10))[0].token_ids for p in prompts]
+    eng = pol._engine_for_decoding()
+    first = pol.submit(prompts[:2], greedy(10))
+    eng.advance(first)
+    assert len(eng._prefix) >= 32  # the batch runs in prefix mode
+    late = pol.submit(prompts[2:], greedy(10))  # same prefix: joins the running batch
+    eng.advance(first)
+    assert eng.joins >= 1
+    other = pol.submit(["Something else entirely"], greedy(5))  # another prefix: waits for the batch to end
+    got = [g[0].token_ids for g in first.results() + late.results()]
+    assert got == solo
+    assert other.results()[0][0].token_ids == pol.generate("Something else entirely", greedy(5))[0].token_ids
+
+
+def test_repetition_penalty_counts_the_shared_prefix(tiny_model, smol_tokenizer):
+    from ragloop.models.local import LocalPolicy
+
+    pol = LocalPolicy.from_model(tiny_model, smol_tokenizer, name="tiny", backend="fast")
+    cfg = GenerationConfig(greedy=True, max_new_tokens=8, repetition_penalty=1.5)
+    prompts = [SHARED + s for s in SUFFIXES[:3]]
+    alone = [pol.generate(p, cfg)[0].token_ids for p in prompts]
+    assert [g[0].token_ids for g in pol.generate_batch(prompts, cfg)] == alone
