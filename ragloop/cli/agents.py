@@ -113,9 +113,10 @@ def ask_cmd(
         from ragloop.cli.progress import quiet_libraries
 
         quiet_libraries()
-    from ragloop.cli.text import read_stdin_text, require_utf8
+    from ragloop.cli.text import read_stdin_text, require_file_target, require_utf8
 
     question = read_stdin_text("the question") if question == "-" else require_utf8(question, "the question")
+    require_file_target(save, "--save")
     if not question.strip():
         raise UsageError("the question is empty", hint='e.g. ragloop ask "What is 3 * 7?" --agent pal')
     if agent is None:
@@ -315,8 +316,10 @@ def eval_gsm8k_cmd(
         from ragloop.cli.progress import quiet_libraries
 
         quiet_libraries()
+    from ragloop.cli.text import require_file_target
     from ragloop.eval.runners import RunConfig, run_benchmark
 
+    require_file_target(out, "--out")
     cfg = RunConfig(task="gsm8k", agent=agent, data=data or _shared("gsm8k", "test_dev300.jsonl"),  # type: ignore[arg-type]
                     limit=limit, offset=offset, seed=seed, out=out or _default_out("gsm8k", agent, seed), shots=shots,
                     self_consistency=self_consistency, max_new_tokens=max_new_tokens, max_steps=max_steps,
@@ -369,6 +372,9 @@ def eval_claims_cmd(
         quiet_libraries()
     if corpus is not None and not Path(corpus).is_file():
         raise DataError(f"corpus file not found: {corpus}", hint="e.g. --corpus ../shared/data/scifact/corpus.jsonl")
+    from ragloop.cli.text import require_file_target
+
+    require_file_target(out, "--out")
     retriever = None
     if agent in ("react", "rag"):
         retriever = ensure_scifact_index(index, corpus, progress=lambda m: typer.echo(m, err=True))

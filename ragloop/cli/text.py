@@ -37,3 +37,21 @@ def read_stdin_text(what: str) -> str:
     except UnicodeDecodeError as e:
         raise UsageError(f"{what} on stdin is not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
                          hint="convert it to UTF-8, e.g. iconv -t UTF-8") from None
+
+
+def require_file_target(path: str | None, option: str) -> str | None:
+    """``option``'s value names a file to write (JSONL): refuse a directory, or a parent that is a file,
+    before any model runs (the write would fail only after the work was done)."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{option} {path} is a directory", hint=f"give a file name, e.g. {p / 'traces.jsonl'}")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is not a directory", hint="give a path in a directory")
+    return path

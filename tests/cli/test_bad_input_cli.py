@@ -121,3 +121,11 @@ def test_train_sft_drops_flagged_traces_unless_asked(capsys, tmp_path, traces):
     assert "data: 2 of 2 rows kept" in capsys.readouterr().err
     main(["train", "sft", "--traces", str(traces), "--out", str(tmp_path / "run"), "--policy", missing, "--all-traces"])
     assert "data: 1 of 2 rows kept (dropped — injection_flag: 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["ask", "what is 2+2?", "--agent", "cot", "--save", "DIR"],
+                                  ["eval", "gsm8k", "--limit", "1", "--out", "DIR"],
+                                  ["eval", "claims", "--agent", "cot", "--limit", "1", "--out", "DIR"]])
+def test_trace_outputs_that_are_directories_fail_before_any_model_runs(capsys, tmp_path, argv):
+    assert main([str(tmp_path) if a == "DIR" else a for a in argv]) == 2
+    _one_clear_line(capsys, f"{tmp_path} is a directory", "give a file name")
