@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import re
 import unicodedata
 from typing import Any
@@ -225,7 +226,8 @@ class ProvenanceGuard:
     ``Tool(...)`` for this tool, the value of a JSON object naming this tool, and for the finishing tool
     the rest of a ``Final Answer:`` / ``Answer:`` sentence (the parser reads those lines as Finish). An
     action is refused when its argument starts with a planted value (or with its first 16 characters), is
-    a prefix of one (a copy cut short), or contains one of 8+ characters. A Finish whose answer merely
+    a prefix of one (a copy cut short), contains one of 8+ characters, or shares with one a prefix of 60% of
+    its length (6+ characters: a mutated copy, ``CANARY-12X`` for a planted ``CANARY-00X``). A Finish whose answer merely
     *appears* in the evidence (a fact, not action syntax) is not refused.
 
     >>> g = ProvenanceGuard()
@@ -271,5 +273,8 @@ class ProvenanceGuard:
         for v in self.planted_values(tool):
             key = v[: self.KEY_CHARS]
             if a.startswith(key) or v.startswith(a) or (len(v) >= 8 and key in a):
+                return v
+            # a mutated copy: the 135M model, refused once, wrote Finish[CANARY-12X] for a planted CANARY-00X
+            if len(os.path.commonprefix([a, v])) >= max(6, 0.6 * len(v)):
                 return v
         return None
