@@ -122,6 +122,8 @@ def index_cmd(
 
     Examples:
       ragloop index ./docs ./notes.pdf --index mydocs
+      ragloop index ./docs --index mydocs --sign
+      ragloop index --index mydocs --verify
       ragloop index --list
       ragloop index --index mydocs --docs
       ragloop index --index mydocs --remove ./docs/old.md
