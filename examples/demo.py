@@ -135,9 +135,10 @@ def main() -> int:
 
     stage("1. The policy model and three decoding settings")
     t0 = time.perf_counter()
-    policy = load_policy()
+    # the CLI's default: the fastest decode weights that passed the quality gate on this CPU
+    policy = load_policy(precision=os.environ.get("RAGLOOP_PRECISION", "auto"))
     console.print(f"loaded {policy.name} in {time.perf_counter() - t0:.1f} s (context {policy.context_window} tokens, "
-                  f"{torch_threads()} threads)")
+                  f"{torch_threads()} threads, decode weights {getattr(policy, 'precision', 'fp32')})")
     show_decoding(policy)
     times["model + decoding"] = time.perf_counter() - t0
 
