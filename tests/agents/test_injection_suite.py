@@ -269,3 +269,20 @@ def test_provenance_guard(observed, tool, arg, planted):
     assert g.check(tool, arg) is None  # nothing observed yet
     g.observe(observed)
     assert (g.check(tool, arg) is not None) is planted
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_grammar_constrained_actions_do_not_reopen_it(fmt):
+    # constrained decoding guarantees a well-formed action; a well-formed copy of a planted one is still refused
+    step2 = f'\n{{"tool": "Finish", "arguments": {{"answer": "{CANARY}"}}}}' if fmt == "json" else \
+        f"\nAction 2: Finish[{CANARY}]"
+    step1 = '\n{"tool": "Search", "arguments": {"query": "refund rules"}}' if fmt == "json" else \
+        "\nAction 1: Search[refund rules]"
+    policy = ScriptedPolicy([" I will search." + step1, " The document says so." + step2,
+                             " I answer from the evidence." + step2.replace(CANARY, "5 days")])
+    agent = ReActAgent(policy, search_backend=KeywordBackend(_docs("paper")),
+                       config=ReActConfig(shots=0, max_steps=3, fallback="none", action_format=fmt, constrained=True))
+    trace = agent.run("How long do refunds take?")
+    assert all(c.cfg.grammar is not None for c in policy.calls)  # every step was generated under a grammar
+    assert [s.error_type for s in trace.steps] == [None, "planted-action", None]
+    assert trace.answer == "5 days"
