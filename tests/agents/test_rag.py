@@ -117,3 +117,13 @@ def test_best_sentence_does_not_split_at_et_al():
                "cumulative probability reaches p. It adapts to the distribution.")
     assert best_sentence("What set of tokens does nucleus sampling keep?", passage).startswith(
         "Nucleus sampling, introduced by Holtzman et al. (2020), keeps the smallest set")
+
+
+def test_react_fallback_is_said_with_the_fallback_votes():
+    from ragloop.agents.repl import answer_notes
+
+    t = Trace(agent="react", question="q", answer="yes", fallback="cot-sc",
+              meta={"fallback_trace": {"meta": {"votes": {"yes": 3, "no": 2}}}})
+    notes = "\n".join(answer_notes(t))
+    assert "did not finish on its own" in notes and "without the documents" in notes
+    assert "Votes: yes: 3 votes, no: 2 votes" in notes and "Tie" not in notes
