@@ -27,7 +27,7 @@ from typing import Any, Literal
 from ragloop.agents.base import AgentBase, EventHandler, messages_of, with_changes
 from ragloop.agents.docsearch import split_sentences
 from ragloop.agents.runtime import EpisodeGen, ModelCall
-from ragloop.agents.safety import injection_flags, neutralize_control
+from ragloop.agents.safety import escape_display, injection_flags, neutralize_control
 from ragloop.core.errors import UsageError
 from ragloop.core.trace import Message, Source, Step, ToolCall, Trace
 from ragloop.models.types import GenerationConfig, Policy
@@ -144,7 +144,9 @@ def render_sources(trace: Trace, *, max_chars: int = 0) -> str:
         where = f" ({s.location})" if s.location else ""
         title = f" — {s.title}" if s.title and s.title not in s.source else ""
         mark = " · cited" if s.cited else ""
-        lines.append(f"  [{s.n}] {s.source or s.doc_id}{where}{title} · chunk {s.chunk_id}{mark}")
+        # file names are untrusted: a newline or bidi override in one must not break or reorder the line
+        name, title = escape_display(s.source or s.doc_id), escape_display(title)
+        lines.append(f"  [{s.n}] {name}{where}{title} · chunk {s.chunk_id}{mark}")
         text = s.text
         if max_chars > 0 and text:
             t = " ".join(text.split())

@@ -41,3 +41,16 @@ def test_extractive_fallback_never_picks_a_planted_sentence(retriever):
         "Which port does the admin server use?")
     assert trace.fallback == "extractive"
     assert CANARY not in trace.answer and "8443" in trace.answer
+
+
+def test_sources_escape_control_characters_in_file_names(tmp_path):
+    from ragloop.agents.rag import render_sources
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "evil\nname\u202e.md").write_text("The admin server listens on port 8443 by default.\n")
+    build_index([str(docs)], str(tmp_path / "idx"), embedder=HashingEmbedder(64))
+    with Retriever.open(str(tmp_path / "idx"), embedder=HashingEmbedder(64)) as r:
+        trace = RAGAgent(ScriptedPolicy(["Port 8443 [1]."]), r, RAGConfig(k=1, mode="bm25")).run("Which port?")
+    text = render_sources(trace)
+    assert "evil\\nname\\u202e.md" in text and "\u202e" not in text and len(text.splitlines()) == 2
