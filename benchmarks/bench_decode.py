@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = round(os.getloadavg()[0], 2)  # a busy machine slows both sides; recorded with the figures
     model, tok, _ = load_model_and_tokenizer()
     info = detect_cpu()
-    cpu = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_class": info.capability,
+    cpu_info = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_class": info.capability,
            "cpu_forced": info.forced, "cpu_flags": info.describe(),
            "emulation": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
            or None}
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.precision == "auto":
         args.precision = precision_auto
     if args.levers:
-        result = {"bench": "decode_levers", "threads": args.threads, **cpu, **levers(model, tok),
+        result = {"bench": "decode_levers", "threads": args.threads, **cpu_info, **levers(model, tok),
                   "loadavg_1m": [load_before, round(os.getloadavg()[0], 2)],
                   "total_s": round(time.perf_counter() - t0, 1)}
         print(json.dumps(result))
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": "SmolLM2-135M-Instruct (embedded, fp32 HF weights)",
         "precision": args.precision,
         "precision_auto": precision_auto,
-        **cpu,
+        **cpu_info,
         "threads": args.threads,
         "single_llamacpp_tok_s": lc_tok_s,
         "single_ratio_vs_llamacpp": round(top["single_tok_s"] / lc_tok_s, 2) if lc_tok_s else None,
