@@ -450,8 +450,6 @@ def save_generation(
         ops.fsync_dir(root)
     except OSError as e:
         raise IndexStoreError(f"could not publish generation {gen_dir.name} of {root}: {e.strerror or e}") from None
-    if sign:
-        register_signed(root)
     # Keep the last good previous generation (readers may still be loading it; it is the fallback if the new
     # one is ever damaged); drop the others, damaged ones included.
     older = [(num, path) for num, path in reversed(generation_dirs(root)) if num != number]
@@ -464,6 +462,8 @@ def save_generation(
                 ops.remove_tree(path)
             except OSError as e:  # garbage collection is best effort
                 log.warning("could not remove old generation %s: %s", path, e)
+    if sign:  # after the GC: the unsigned generation kept above stays (the signature is required from now on)
+        register_signed(root)
     return number
 
 

@@ -211,3 +211,10 @@ def test_search_escapes_control_characters_in_paths(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "evil\\nname\\u202e.txt" in out and "\u202e" not in out
     assert not any(line.startswith("name") for line in out.splitlines())
+
+
+def test_signing_a_damaged_index_on_rebuild_keeps_the_last_good_generation(two_gens, emb):
+    _flip(two_gens / "gen-000002" / "vectors.faiss")
+    index_documents(docs(B), two_gens, embedder=emb, config=IndexConfig(rebuild=True, sign=True))
+    assert _gens(two_gens) == ["gen-000001", "gen-000003"]
+    assert (two_gens / "gen-000003" / SIGNATURE).is_file()
