@@ -49,6 +49,11 @@ PREFILL_TOKENS = 16384
 # Prompts of a new batch sharing at least this many leading tokens are prefilled with one copy of the
 # shared part (FastStepper.prefill_prefix): few-shot agents' prompts share their exemplars.
 MIN_SHARED_PREFIX = 32
+# Joining runs a forward pass over the new rows' prompts, which reads every weight once — as much as a
+# decode step of the whole batch. So waiting rows join together: once JOIN_MIN of them (or as many as there
+# are free slots) are waiting, or JOIN_WAIT steps after the first one arrived (bounded extra latency).
+JOIN_MIN = 4
+JOIN_WAIT = 8
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -267,6 +272,7 @@ class DecodeEngine:
         self._logits: torch.Tensor | None = None  # (R, V) next-token logits of self._rows
         self._stepper: Any = None
         self._prefix: list[int] = []  # the running batch's shared prompt prefix (prefix mode), else []
+        self._join_wait = 0  # steps waiting rows have waited to join
         self._capacity = max_rows
         self._max_len = 0
         self.steps = 0  # decode steps taken (for tests and benchmarks)
@@ -433,6 +439,10 @@ class DecodeEngine:
             return
         P = len(self._prefix)
         fits = sum(1 for _ in self._leading(lambda r: not P or (len(r.prompt) > P and r.prompt[:P] == self._prefix)))
+        self._join_wait += 1
+        if keep and fits < min(free, JOIN_MIN) and self._join_wait < JOIN_WAIT:
+            return  # wait for more rows to join together
+        self._join_wait = 0
         new = self._take_waiting(min(free, fits), self._max_len or None)
         if not new:
             return

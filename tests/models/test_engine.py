@@ -217,9 +217,10 @@ def test_engine_shares_a_prefix_and_rows_join_it(tiny_model, smol_tokenizer):
     first = pol.submit(prompts[:2], greedy(10))
     eng.advance(first)
     assert len(eng._prefix) >= 32  # the batch runs in prefix mode
-    late = pol.submit(prompts[2:], greedy(10))  # same prefix: joins the running batch
-    eng.advance(first)
-    assert eng.joins >= 1
+    late = pol.submit(prompts[2:], greedy(10))  # same prefix: joins the running batch (within JOIN_WAIT steps)
+    for _ in range(9):
+        eng.advance(first)
+    assert eng.joins >= 1 and not late.done
     other = pol.submit(["Something else entirely"], greedy(5))  # another prefix: waits for the batch to end
     got = [g[0].token_ids for g in first.results() + late.results()]
     assert got == solo
