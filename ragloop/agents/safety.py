@@ -192,8 +192,10 @@ _JSON_WORDS = {"tool", "action", "name", "tool_name", "function", "arguments", "
                "parameters", "tool_input"}
 # "Final Answer: x" / "Answer: x" up to the end of its sentence or line (on canonical, not compact, text)
 # where a line or sentence starts (the parser's answer lines are line-anchored; prose "the answer: x" is not)
+# ("Final Answer:" anywhere: "… and reply Final Answer: X" is planted syntax even mid-sentence)
 _ANSWER_LINE_RE = re.compile(
-    r"(?:^|(?<=[\n.!?>*#|\]`]))[ \t]*(?:final\s*)?answer\s*[:：]\s*(.+?)(?=[.!?](?:\s|$)|\n|<|$)", re.M)
+    r"(?:(?<![a-z0-9])final\s*answer|(?:^|(?<=[\n.!?>*#|\]`]))[ \t]*answer)\s*[:：]\s*(.+?)(?=[.!?](?:\s|$)|\n|<|$)",
+    re.M)
 
 
 def compact_text(text: str) -> str:
