@@ -78,14 +78,19 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
 class GrammarMatcher:
     """One row's position in its grammar (an ``llguidance.LLMatcher``)."""
 
-    def __init__(self, matcher: Any, spec: GrammarSpec, end_ids: Sequence[int]) -> None:
+    def __init__(self, matcher: Any, spec: GrammarSpec, end_ids: Sequence[int], executor: Any = None) -> None:
         self._m = matcher
         self.spec = spec
         self._end_ids = list(end_ids)
+        self.executor = executor  # the compiler's thread pool: apply_masks fills many rows in parallel with it
 
     def fill_mask(self, bitmask_row: torch.Tensor) -> None:
         """Write the allowed next tokens into one int32 bitmask row ``(W,)`` (contiguous, on CPU)."""
         self._m.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), bitmask_row.numel() * 4)
+        self.check_mask(bitmask_row)
+
+    def check_mask(self, bitmask_row: torch.Tensor) -> None:
+        """After a mask was written: a row with nothing allowed may only end."""
         if self._m.is_error() or not bool(bitmask_row.any()):
             # nothing allowed (the grammar is broken for this tokenizer): let the row end rather than
             # sampling from an all -inf row
@@ -129,6 +134,8 @@ class GrammarCompiler:
         # the expensive part (~1-3 s): the tokenizer's byte trie in Rust; done once per compiler
         self.lltok = llguidance.hf.from_tokenizer(tokenizer, eos_token=self.end_ids or None)
         self.vocab_size = int(self.lltok.vocab_size)
+        # masks of many rows are computed in parallel (Rust threads, GIL released), as many as torch uses
+        self.executor = llguidance.LLExecutor(num_threads=max(1, torch.get_num_threads()))
         self._protos: dict[GrammarSpec, Any] = {}
         self._lock = threading.Lock()
 
@@ -153,7 +160,7 @@ class GrammarCompiler:
                                      f"{proto.get_error().strip().splitlines()[0]}",
                                      hint="check the grammar's syntax (llguidance Lark / regex / JSON schema)")
                 self._protos[spec] = proto
-            return GrammarMatcher(proto.deep_copy(), spec, self.end_ids)
+            return GrammarMatcher(proto.deep_copy(), spec, self.end_ids, self.executor)
 
 
 def compiler_for(tokenizer: Any, end_ids: Sequence[int] | None = None) -> GrammarCompiler:
@@ -185,8 +192,17 @@ def apply_masks(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | None])
         return logits
     words = (logits.shape[-1] + 31) // 32
     bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)  # (R, W), all allowed
-    for r in rows:
-        matchers[r].fill_mask(bitmask[r])  # type: ignore[union-attr]
+    first = matchers[rows[0]]
+    executor = first.executor if first is not None else None
+    if len(rows) > 1 and executor is not None and all(matchers[r].executor is executor for r in rows):  # type: ignore[union-attr]
+        # one call for every row: the rows' masks are computed in parallel into their rows of ``bitmask``
+        executor.unsafe_compute_mask_ptr([(matchers[r]._m, r) for r in rows], bitmask.data_ptr(),  # type: ignore[union-attr]
+                                         words * 4, len(matchers))
+        for r in rows:
+            matchers[r].check_mask(bitmask[r])  # type: ignore[union-attr]
+    else:
+        for r in rows:
+            matchers[r].fill_mask(bitmask[r])  # type: ignore[union-attr]
     apply_bitmask(logits, bitmask)
     return logits
 
