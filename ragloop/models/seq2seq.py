@@ -406,14 +406,15 @@ def load_seq2seq_policy(path: str | os.PathLike[str], *, name: str | None = None
 
     from ragloop.core.config import set_offline_defaults
     from ragloop.models.chat import ensure_chat_template
-    from ragloop.models.loading import resolve_dtype
+    from ragloop.models.loading import _quiet_progress, resolve_dtype
 
     set_offline_defaults()
     p = Path(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
-        model = AutoModelForSeq2SeqLM.from_pretrained(str(p), dtype=resolve_dtype(dtype), local_files_only=True,
-                                                      trust_remote_code=False)
+        with _quiet_progress():  # no progress bar for a load that takes a second (as for decoder-only policies)
+            model = AutoModelForSeq2SeqLM.from_pretrained(str(p), dtype=resolve_dtype(dtype), local_files_only=True,
+                                                          trust_remote_code=False)
     except Exception as e:
         raise ModelLoadError(f"could not load encoder-decoder model from {p}: {type(e).__name__}: {e}") from None
     ensure_chat_template(tok)
