@@ -33,8 +33,9 @@ def serve_cmd(
     capture: Path | None = typer.Option(None, "--capture",
                                         help="Write every call as a Trace to DIR/traces.jsonl (for ragloop train)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens to generate when a request gives no max_tokens."),
-    precision: str = typer.Option("fp32", "--precision", envvar="RAGLOOP_PRECISION",
-                                  help="Fast decode path weights: fp32 (exact), bf16, int8 or int4 (faster)."),
+    precision: str = typer.Option("auto", "--precision", envvar="RAGLOOP_PRECISION",
+                                  help="Fast decode path weights: auto (the fastest that passed the quality gate on "
+                                       "this CPU), fp32 (exact), bf16, int8 or int4."),
     backend: str = typer.Option("auto", "--backend", help="Decode path: auto, hf or fast."),
     dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16, float16."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level: debug, info, warning, error."),

@@ -204,7 +204,8 @@ class _App:
             check_fits(n_prompt, max_tokens, cw)
         except ContextWindowError as e:
             over = n_prompt + (max_tokens or 1) - cw
-            raise APIError(400, f"{e.message}: {over} tokens too many ({e.hint})", param="messages" if not isinstance(prompt, str) else "prompt",
+            raise APIError(400, f"{e.message}: {over} tokens too many ({e.hint})",
+                           param="messages" if not isinstance(prompt, str) else "prompt",
                            code="context_length_exceeded") from None
         temperature = 1.0 if req.temperature is None else req.temperature
         try:
@@ -359,7 +360,7 @@ def create_app(policy: Policy, config: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(req: ChatCompletionRequest) -> Any:
         started = time.time()
-        plan = _chat_plan(state, req)
+        plan = await run_in_threadpool(_chat_plan, state, req)  # counting tokens may be a call to another server
         rid, created = new_id("chatcmpl"), now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -400,8 +401,9 @@ def create_app(policy: Policy, config: ServeConfig | None = None) -> FastAPI:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise APIError(400, "prompt must be a string or a list of strings (token-id prompts are not supported)",
                            param="prompt")
-        plans = [state.build(req, p, logprobs=req.logprobs is not None, grammar=req.guided(), tool_names=[],
-                             force_tool=False) for p in prompts]
+        plans = await run_in_threadpool(lambda: [
+            state.build(req, p, logprobs=req.logprobs is not None, grammar=req.guided(), tool_names=[], force_tool=False)
+            for p in prompts])
         rid, created = new_id("cmpl"), now()
         if req.stream and len(plans) == 1 and plans[0].cfg.n == 1 and req.logprobs is None and plans[0].cfg.grammar is None:
             head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
