@@ -19,7 +19,8 @@ template, which ReAct/PAL prefill) — uses ``/tokenize`` and ``/detokenize`` (v
 llama.cpp's ``content`` fields are both sent and read) and llama.cpp's ``/apply-template`` (``ragloop serve``
 has all three). Where a server lacks ``/tokenize``, ``count_tokens``
 falls back to an estimate of 4 characters per token (logged once). ``score`` (teacher-forced
-log-probabilities, used by the RLAIF/CAI judge) needs ``echo`` with logprobs on ``/v1/completions`` (vLLM).
+log-probabilities, used by the RLAIF/CAI judge) needs ``echo`` with logprobs on ``/v1/completions`` (vLLM,
+and ``ragloop serve`` over a local policy).
 Training needs local weights: ``policy.model`` raises a UsageError that says so.
 
 What each server needs: vLLM ``--enable-auto-tool-choice --tool-call-parser NAME`` for tool calls (ragloop's
@@ -368,7 +369,7 @@ class OpenAIPolicy:
 
     def score(self, prompt: Prompt, continuation: str) -> list[float]:
         """Per-token log-probabilities of ``continuation`` after ``prompt``, from the server's prompt
-        log-probabilities (``echo=True`` on ``/v1/completions``; vLLM gives them)."""
+        log-probabilities (``echo=True`` on ``/v1/completions``; vLLM and ``ragloop serve`` give them)."""
         text = prompt if isinstance(prompt, str) else self.render(prompt)
         full = text + continuation
         try:
@@ -376,7 +377,7 @@ class OpenAIPolicy:
                               echo=True, logprobs=0, temperature=0.0)
         except UsageError as e:
             raise UsageError(f"{self.base_url} cannot score text (needs echo with logprobs): {e.message}",
-                             hint="score with a local policy or a vLLM server") from None
+                             hint="score with a local policy, a vLLM server or ragloop serve") from None
         lp = resp.choices[0].logprobs
         if lp is None or not lp.text_offset:
             raise UsageError(f"{self.base_url} returned no prompt log-probabilities for echo=True",

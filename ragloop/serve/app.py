@@ -1,7 +1,7 @@
 """``create_app``: an OpenAI-compatible HTTP API over any ragloop policy (FastAPI, served by uvicorn).
 
 Endpoints: ``POST /v1/chat/completions`` (stream, n, stop, logprobs, tools/tool_choice, response_format),
-``POST /v1/completions``, ``POST /v1/embeddings`` (the embedded MiniLM embedder), ``GET /v1/models``,
+``POST /v1/completions`` (with ``echo`` + logprobs: the prompt's own log-probabilities, for scoring), ``POST /v1/embeddings`` (the embedded MiniLM embedder), ``GET /v1/models``,
 ``GET /health``, and vLLM's ``POST /tokenize`` / ``POST /detokenize`` plus llama.cpp's
 ``POST /apply-template`` (so ``ragloop.models.openai.OpenAIPolicy`` can count tokens and render the chat
 template of the model it talks to).
@@ -278,6 +278,16 @@ def _chat_choice(state: _App, plan: _Plan, i: int, g: Generation, with_logprobs:
     return {"index": i, "message": message, "logprobs": lp, "finish_reason": reason, "stop_reason": _stop_reason(g)}
 
 
+def _prompt_logprobs(policy: Any, prompt: str) -> tuple[list[int], list[float | None]]:
+    """The prompt's token ids and each one's log-probability given those before it (None for the first):
+    one teacher-forced forward pass (``LocalPolicy.logprobs_of``), as OpenAI's ``echo`` returns them."""
+    import torch
+
+    ids = policy.tokenize(prompt)
+    lp = policy.logprobs_of(torch.tensor([ids], dtype=torch.long))[0].tolist()  # (T,); lp[0] is 0 by convention
+    return ids, [None, *lp[1:]]
+
+
 def _stop_reason(g: Generation) -> str | None:
     """vLLM's ``stop_reason``: None when the model ended (end-of-sequence token) or ran out of tokens, a
     string when a stop sequence ended it (ragloop does not record which one, so the string is "stop")."""
@@ -394,9 +404,12 @@ def create_app(policy: Policy, config: ServeConfig | None = None) -> FastAPI:
     async def completions(req: CompletionRequest) -> Any:
         started = time.time()
         state.check_model(req.model)
-        if req.echo or req.suffix or (req.best_of or 1) > 1 or req.logprobs and req.logprobs > 1:
-            name = "echo" if req.echo else "suffix" if req.suffix else "best_of" if (req.best_of or 1) > 1 else "logprobs"
+        if req.suffix or (req.best_of or 1) > 1 or req.logprobs and req.logprobs > 1:
+            name = "suffix" if req.suffix else "best_of" if (req.best_of or 1) > 1 else "logprobs"
             raise APIError(400, f"{name} is not supported by this server (logprobs may be 0 or 1)", param=name)
+        if req.echo and (req.stream or not callable(getattr(policy, "logprobs_of", None))):
+            raise APIError(400, "echo needs a local policy and stream=false (prompt log-probabilities come from a "
+                           "forward pass over the prompt)", param="echo")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise APIError(400, "prompt must be a string or a list of strings (token-id prompts are not supported)",
@@ -414,17 +427,22 @@ def create_app(policy: Policy, config: ServeConfig | None = None) -> FastAPI:
             outs = await run_in_threadpool(state.decoder.generate, prompts, shared)
         except UsageError as e:
             raise APIError(400, str(e)) from None
+        echoed = await run_in_threadpool(lambda: [_prompt_logprobs(policy, p) for p in prompts]) if req.echo else None
         choices, all_gens = [], []
-        for plan, gens in zip(plans, outs, strict=True):
+        for p_i, (plan, gens) in enumerate(zip(plans, outs, strict=True)):
             state.record("completions", rid, plan, gens, [g.text for g in gens], started)
             for g in gens:
                 lp = None
-                if req.logprobs is not None and g.logprobs is not None:
-                    texts = token_strings(policy, g.token_ids)
-                    toks = token_strings(policy, g.token_ids, as_ids=req.return_tokens_as_token_ids)
-                    lp = {"tokens": toks, "token_logprobs": g.logprobs, "top_logprobs": None,
+                ids, values = list(g.token_ids), list(g.logprobs or [])
+                if echoed is not None:  # the prompt's own tokens first (OpenAI's legacy echo; used for scoring)
+                    ids, values = echoed[p_i][0] + ids, echoed[p_i][1] + values
+                if req.logprobs is not None and (g.logprobs is not None or echoed is not None):
+                    texts = token_strings(policy, ids)
+                    toks = token_strings(policy, ids, as_ids=req.return_tokens_as_token_ids)
+                    lp = {"tokens": toks, "token_logprobs": values, "top_logprobs": None,
                           "text_offset": list(np.cumsum([0] + [len(t) for t in texts[:-1]]).tolist())}
-                choices.append({"index": len(choices), "text": g.text, "logprobs": lp,
+                text = (prompts[p_i] + g.text) if req.echo else g.text
+                choices.append({"index": len(choices), "text": text, "logprobs": lp,
                                 "finish_reason": finish_reason(g.finish_reason), "stop_reason": _stop_reason(g)})
                 all_gens.append(g)
         use = usage(all_gens, sum(p.prompt_tokens for p in plans))

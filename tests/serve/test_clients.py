@@ -44,6 +44,10 @@ def test_openai_policy_against_ragloop_serve(scripted_server, tiny_policy):
     assert remote.tokenize("hello world") == tiny_policy.tokenize("hello world")
     assert remote.detokenize(remote.tokenize("hello world")) == "hello world"
     assert remote.count_tokens(MSG) == tiny_policy.count_tokens(MSG)
+    # scoring (the RLAIF / CAI judge) through echo + logprobs
+    got = remote.score("The capital of France is", " Paris. It is big.")
+    assert got == pytest.approx(tiny_policy.score("The capital of France is", " Paris. It is big."), abs=1e-4)
+    assert len(got) == len(tiny_policy.tokenize(" Paris. It is big."))
 
 
 def test_openai_policy_errors(scripted_server):
@@ -56,7 +60,7 @@ def test_openai_policy_errors(scripted_server):
         OpenAIPolicy("m", "http://127.0.0.1:9/v1", max_retries=0, timeout=5).generate("hi")
     with pytest.raises(UsageError, match="training needs local weights"):
         _ = load_policy(f"openai:scripted@{srv.base_url}").model
-    with pytest.raises(UsageError, match="echo"):  # ragloop serve has no prompt logprobs: scoring says so
+    with pytest.raises(UsageError, match="echo"):  # a scripted policy has no prompt logprobs: scoring says so
         load_policy(f"openai:scripted@{srv.base_url}").score("a", "b")
     with pytest.raises(UsageError, match="is a server"):
         load_policy(f"openai:scripted@{srv.base_url}", precision="int4")
