@@ -118,7 +118,7 @@ def resolve_spec(spec: str | os.PathLike[str] | None) -> ModelSource:
                          hint="use a local model: " + SPEC_HINT)
     if text.startswith(("http://", "https://")):
         raise ModelNotFoundError(
-            f"a bare URL is not a policy spec: {text}",
+            f"a bare HTTP URL is not a policy spec: {text}",
             hint=f"for an OpenAI-compatible server write openai:MODEL@{text.rstrip('/')}",
         )
     p = Path(text).expanduser()
