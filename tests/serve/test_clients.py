@@ -62,6 +62,8 @@ def test_openai_policy_errors(scripted_server):
         _ = load_policy(f"openai:scripted@{srv.base_url}").model
     with pytest.raises(UsageError, match="echo"):  # a scripted policy has no prompt logprobs: scoring says so
         load_policy(f"openai:scripted@{srv.base_url}").score("a", "b")
+    with pytest.raises(UsageError, match="answered 400: .*context window"):  # a 4xx carries the server's message
+        load_policy(f"openai:scripted@{srv.base_url}").generate("hi", GenerationConfig(max_new_tokens=100_000))
     with pytest.raises(UsageError, match="is a server"):
         load_policy(f"openai:scripted@{srv.base_url}", precision="int4")
 
