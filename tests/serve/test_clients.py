@@ -90,6 +90,10 @@ def test_langchain_chat_openai(scripted_server):
     assert "".join(c.content for c in llm.stream("Say hello.")) == "Hello there, friend."
     call = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Paris?").tool_calls[0]
     assert call["name"] == "get_weather" and call["args"] == {"city": "Paris"}
+    full = None
+    for chunk in llm.bind_tools([WEATHER], tool_choice="required").stream("Weather in Paris?"):
+        full = chunk if full is None else full + chunk
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [("get_weather", {"city": "Paris"})]
     from pydantic import BaseModel
 
     class Answer(BaseModel):
