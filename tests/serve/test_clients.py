@@ -125,3 +125,22 @@ def test_agents_run_unchanged_over_a_server(scripted_server, agent, ragloop_home
                "react": " I know this.\nAction 1: Finish[5]"}
     srv = scripted_server(ScriptedPolicy(lambda text, cfg: answers[agent], name="scripted"))
     assert main(["ask", "What is 2+3?", "--agent", agent, "--policy", f"openai:scripted@{srv.base_url}"]) == 0
+
+
+def test_serve_proxies_another_server(scripted_server):
+    """``ragloop serve --policy openai:...``: a server over an OpenAIPolicy (thread-safe: no worker queue)."""
+    import openai
+
+    upstream = scripted_server()
+    proxy = scripted_server(load_policy(f"openai:scripted@{upstream.base_url}"))
+    assert proxy.server.config.app.state.ragloop.decoder.mode == "direct"
+    c = openai.OpenAI(base_url=proxy.base_url, api_key="-", max_retries=0)
+    r = c.chat.completions.create(model="openai:scripted", messages=MSG, n=2)
+    assert [ch.message.content for ch in r.choices] == ["Hello there, friend."] * 2
+    assert r.usage.prompt_tokens == upstream_tokens(upstream)
+
+
+def upstream_tokens(srv) -> int:
+    import httpx
+
+    return httpx.post(f"{srv.url}/tokenize", json={"messages": MSG}).json()["count"]
