@@ -28,8 +28,8 @@ def quiet_libraries() -> None:
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "sentence_transformers", "huggingface_hub", "accelerate", "peft", "torch",
-                 "ragloop"):
+    # the libraries' loggers only: ragloop's own warnings (e.g. files skipped while indexing) still reach stderr
+    for name in ("transformers", "sentence_transformers", "huggingface_hub", "accelerate", "peft", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
