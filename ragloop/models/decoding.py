@@ -29,17 +29,14 @@ Conventions (documented once here):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from ragloop.models import sampling
 from ragloop.models.tokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer  # noqa: F401 (moved there; re-exported)
-from ragloop.models.types import FinishReason, Generation, GenerationConfig
+from ragloop.models.types import Generation, GenerationConfig
 
 
 @runtime_checkable
@@ -181,51 +178,19 @@ def stop_holdback(text: str, stops: Sequence[str]) -> int:
 # the loop
 
 
-def grammar_matchers(cfg: GenerationConfig, rows: int, tokenizer: Any) -> list[Any] | None:
-    """One fresh grammar matcher per row when ``cfg.grammar`` is set (``ragloop.models.grammar``), else None.
-    The grammar may end with the tokenizer's end-of-sequence token (as in the decode engine)."""
-    if cfg.grammar is None:
-        return None
-    from ragloop.models import grammar
-
-    return [grammar.matcher_for(cfg.grammar, tokenizer) for _ in range(rows)]
-
-
-def mask_logits(logits: torch.Tensor, matchers: Sequence[Any] | None) -> torch.Tensor:
-    """``logits`` ``(R, V)`` with -inf outside each row's grammar (a masked copy; the input when no grammar)."""
-    if matchers is None:
-        return logits
-    from ragloop.models import grammar
-
-    return grammar.apply_masks(logits.clone(), matchers)
-
-
 def derive_seed(seed: int, prompt_index: int, candidate: int) -> int:
     """The seed of one row under a user seed (independent streams via numpy's SeedSequence)."""
     entropy = [int(seed) % 2**63, prompt_index, candidate]
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-@dataclass
-class _Row:
-    prompt_index: int
-    candidate: int
-    prompt_tokens: int
-    detok: IncrementalDetokenizer
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    scaled: list[float] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)  # text length after each token; -1 while a char is pending
-    text: str = ""
-    emitted: int = 0
-    finish: FinishReason | None = None
-
-
 class DecodeRun:
-    """One batched decode of ``len(prompts) × cfg.n`` rows (row ``i * n + j`` = prompt ``i``, candidate ``j``).
+    """One batched decode of ``len(prompts) × cfg.n`` rows (row ``i * n + j`` = prompt ``i``, candidate ``j``)
+    over a given stepper: the decode engine's loop (``ragloop.models.engine``) with this one request.
 
     Iterate it to receive ``(row, text_piece)`` as text becomes safe to show; ``results()`` runs it to the
-    end (if not yet) and returns ``[[Generation] * n] * len(prompts)``.
+    end (if not yet) and returns ``[[Generation] * n] * len(prompts)``. Policies decode through their own
+    engine (``LocalPolicy.submit``); this is for a stepper used directly (tests, benchmarks, seq2seq).
     """
 
     def __init__(
@@ -239,149 +204,24 @@ class DecodeRun:
         pad_id: int,
         prompt_offset: int = 0,
     ) -> None:
+        from ragloop.models.engine import DecodeEngine
+
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        self.stepper, self.cfg, self.tokenizer = stepper, cfg, tokenizer
-        self.end_ids, self.pad_id = set(end_ids), pad_id
-        self.prompts = [list(p) for p in prompts]
-        n = cfg.n
-        self.rows = [
-            _Row(i, j, len(p), IncrementalDetokenizer(tokenizer)) for i, p in enumerate(self.prompts) for j in range(n)
-        ]
-        base = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self.generators = [
-            torch.Generator().manual_seed(derive_seed(base, prompt_offset + r.prompt_index, r.candidate))
-            for r in self.rows
-        ]
-        self._max_stop = max((len(s) for s in cfg.stop), default=0)
-        self._events: Iterator[tuple[int, str]] | None = None
-        # grammar-constrained decoding: one matcher per row (ragloop.models.grammar), None = free text
-        self.matchers = grammar_matchers(cfg, len(self.rows), tokenizer)
+        self.stepper, self.cfg = stepper, cfg
 
-    # -- per-row bookkeeping ------------------------------------------------------------------------------
+        def compile_grammar(spec: Any) -> Any:
+            from ragloop.models import grammar
 
-    def _append_text(self, row: _Row, piece: str) -> bool:
-        """Add decoded text; cut at a stop string if one completed. True when the row stopped."""
-        if not piece:
-            return False
-        old = len(row.text)
-        row.text += piece
-        if not self.cfg.stop:
-            return False
-        i = find_stop(row.text, self.cfg.stop, max(0, old - self._max_stop + 1))
-        if i == -1:
-            return False
-        row.text = row.text[:i]
-        keep = 0
-        for k, end in enumerate(row.ends):
-            if end == -1:
-                continue
-            if end > i:
-                break
-            keep = k + 1
-        del row.ids[keep:], row.logprobs[keep:], row.scaled[keep:], row.ends[keep:]
-        row.finish = "stop"
-        return True
+            return grammar.matcher_for(spec, tokenizer)
 
-    def _accept(self, row: _Row, tok: int, lp: float | None, slp: float | None) -> None:
-        """Take one generated token into ``row``: text, stop strings, end token, length limit."""
-        row.ids.append(tok)
-        if lp is not None:
-            row.logprobs.append(lp)
-            row.scaled.append(slp if slp is not None else lp)
-        row.ends.append(-1)  # set below once the token's text is known
-        if tok in self.end_ids:
-            # the end token adds no text; bytes still pending before it are flushed as they are
-            if not self._append_text(row, row.detok.flush()):
-                row.ends[-1] = len(row.text)
-                row.finish = "eos"
-            return
-        if self._append_text(row, row.detok.push(tok)):
-            return
-        row.ends[-1] = -1 if row.detok.pending else len(row.text)
-        if len(row.ids) >= self.cfg.max_new_tokens and not self._append_text(row, row.detok.flush()):
-            row.ends[-1] = len(row.text)
-            row.finish = "length"
-
-    def _emit(self, r: int, row: _Row) -> str:
-        safe = len(row.text) if row.finish else len(row.text) - stop_holdback(row.text, self.cfg.stop)
-        if safe <= row.emitted:
-            return ""
-        piece = row.text[row.emitted : safe]
-        row.emitted = safe
-        return piece
-
-    # -- the loop -----------------------------------------------------------------------------------------
+        engine = DecodeEngine(lambda rows, max_len: stepper, tokenizer=tokenizer, end_ids=end_ids, pad_id=pad_id,
+                              max_rows=len(prompts) * cfg.n, grammar_compiler=compile_grammar)
+        self._ticket = engine.submit(prompts, cfg, prompt_offset=prompt_offset, stream=True)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
-        # one underlying generator: a consumer that stops early and later calls results() resumes it
-        if self._events is None:
-            self._events = self._run()
-        return self._events
-
-    def _run(self) -> Iterator[tuple[int, str]]:
-        cfg = self.cfg
-        rows = self.rows
-        expanded = [self.prompts[r.prompt_index] for r in rows]
-        ids, mask = left_pad(expanded, self.pad_id)  # (R, T)
-        logits = self.stepper.prefill(ids, mask)  # (R, V)
-        seen = None
-        if cfg.repetition_penalty != 1.0:
-            counts = torch.zeros(logits.shape, dtype=torch.long, device=logits.device)  # (R, V)
-            counts.scatter_add_(1, ids.clamp(max=logits.shape[-1] - 1).to(logits.device), mask.to(logits.device))
-            seen = counts > 0  # (R, V) tokens present in the prompt (pads excluded)
-        scale_t = cfg.temperature if cfg.do_sample and cfg.temperature > 0 else 1.0
-        for t in range(cfg.max_new_tokens):
-            raw, logits = logits, mask_logits(logits, self.matchers)  # (R, V) -inf outside each row's grammar
-            if cfg.do_sample:
-                proc = sampling.process_logits(
-                    logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                    repetition_penalty=cfg.repetition_penalty, seen=seen,
-                )  # (R, V)
-                nxt = sampling.sample(proc, self.generators)  # (R,)
-            else:
-                proc = logits if seen is None else sampling.apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-                nxt = sampling.greedy(proc)  # (R,)
-            lps = scaled = None
-            if cfg.logprobs:
-                # logprobs: the raw model's; scaled: under what was sampled from (temperature and grammar mask)
-                lps = sampling.token_logprobs(raw, nxt).tolist()
-                scaled = lps if scale_t == 1.0 and logits is raw else \
-                    sampling.token_logprobs(logits, nxt, temperature=scale_t).tolist()
-            toks = nxt.tolist()
-            for r, row in enumerate(rows):
-                if row.finish is not None:
-                    continue
-                self._accept(row, toks[r], lps[r] if lps else None, scaled[r] if scaled else None)
-                if self.matchers is not None and row.finish is None:
-                    self.matchers[r].accept(toks[r])
-                    if self.matchers[r].is_done() and not self._append_text(row, row.detok.flush()):
-                        row.ends[-1] = len(row.text)
-                        row.finish = "stop"  # the grammar is complete
-                piece = self._emit(r, row)
-                if piece:
-                    yield r, piece
-            if all(row.finish is not None for row in rows) or t == cfg.max_new_tokens - 1:
-                break
-            if seen is not None:
-                seen.scatter_(1, nxt.unsqueeze(-1), True)
-            feed = torch.tensor([tok if row.finish is None else self.pad_id for tok, row in zip(toks, rows, strict=True)])
-            logits = self.stepper.step(feed)  # (R, V)
+        return iter(self._ticket)
 
     def results(self) -> list[list[Generation]]:
         """Run to the end (resuming a partly consumed iteration) and return the generations per prompt."""
-        for _ in self:
-            pass
-        out: list[list[Generation]] = [[] for _ in self.prompts]
-        for row in self.rows:
-            out[row.prompt_index].append(
-                Generation(
-                    text=row.text,
-                    token_ids=list(row.ids),
-                    finish_reason=row.finish or "length",
-                    logprobs=list(row.logprobs) if self.cfg.logprobs else None,
-                    prompt_tokens=row.prompt_tokens,
-                    scaled_logprobs=list(row.scaled) if self.cfg.logprobs else None,
-                )
-            )
-        return out
+        return self._ticket.results()
