@@ -6,7 +6,8 @@ Anthropic-format inputs are not. The model is a scripted policy that behaves lik
 model under a grammar-constrained decoder (``rule_based_model``): it answers questions with text, fills a
 required schema with values it reads from the question, and calls an offered tool when asked to use one.
 It tests the adapter — message conversion, tool plans and grammars, parsing, streaming, usage metadata,
-settings — not a model's judgement (the real model is checked through the server's e2e test).
+settings — not a model's judgement. The real 135M model under the real grammar is checked by
+``test_real_model_tool_call_and_structured_output`` below and by tests/serve/test_serve_cli.py.
 """
 
 from __future__ import annotations
