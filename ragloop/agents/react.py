@@ -82,7 +82,7 @@ class ReActConfig:
     # (or its JSON call) over the registered tools, valid by construction
     constrained: bool = False
     finish_labels: list[str] | None = None  # constrained: Finish[...] takes one of these (claim verification)
-    max_repeats: int = 3  # the same tool + argument this many times: the loop makes no progress and stops
+    max_repeats: int = 3  # the same tool + argument this many times: no progress; stop (constrained: Finish next)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "max_tool_calls", "max_total_tokens", "max_new_tokens", "observation_chars",
@@ -221,10 +221,11 @@ class ReActAgent(AgentBase):
                             stop=list(dict.fromkeys([*base.stop, *stops])))
 
     # ------------------------------------------------------------------------------------ loop
-    def step_grammar(self, step: int, max_new_tokens: int) -> GrammarSpec:
-        """The grammar of step ``step`` (constrained mode): the registered tools, the thought bounded so that
-        thought + action fit ``max_new_tokens`` (fixed text counted at one token per character)."""
-        tools = list(self.registry)
+    def step_grammar(self, step: int, max_new_tokens: int, *, finish_only: bool = False) -> GrammarSpec:
+        """The grammar of step ``step`` (constrained mode): the registered tools (only Finish when
+        ``finish_only``: the last step of the budget, or after a loop without progress), the thought bounded so
+        that thought + action fit ``max_new_tokens`` (fixed text counted at one token per character)."""
+        tools = [t for t in self.registry if t.name == "Finish"] if finish_only else list(self.registry)
         fixed = len(f"\nAction {step}: ") + max(len(t.name) for t in tools) + 2
         arg = min(48, max(4, max_new_tokens // 3))
         thought = max(4, max_new_tokens - fixed - arg)
@@ -268,6 +269,7 @@ class ReActAgent(AgentBase):
             name = "react-json" if c.action_format == "json" else "react-paper"
             trace.decoding["grammar"] = {"kind": "lark", "name": f"{name}:{','.join(self.registry.names)}"}
         repeats: dict[str, int] = {}  # canonical "tool[argument]" -> times called
+        must_finish = False  # constrained: the loop made no progress; the next step may only Finish
         trace.messages = [Message(role="user", content=head)] if isinstance(head, str) else [
             Message(role=m["role"], content=m["content"]) for m in head  # type: ignore[index]
         ]
@@ -284,7 +286,14 @@ class ReActAgent(AgentBase):
                 break
             step_cfg = with_changes(cfg, max_new_tokens=min(cfg.max_new_tokens, left))
             if c.constrained:
-                step_cfg = with_changes(step_cfg, grammar=self.step_grammar(i, step_cfg.max_new_tokens))
+                # the last step of the budget (or after repeats) may only Finish: the run ends with the
+                # model's own answer instead of a fallback (recorded in meta["forced_finish"])
+                finish_only = must_finish or i == c.max_steps
+                step_cfg = with_changes(step_cfg, grammar=self.step_grammar(i, step_cfg.max_new_tokens,
+                                                                            finish_only=finish_only))
+                if finish_only:
+                    trace.meta["forced_finish"] = {"step": i, "reason": "repeated-action" if must_finish
+                                                   else "last-step"}
             prompt = self._step_prompt(head, turns, i)
             ts = time.perf_counter()
             try:
@@ -365,7 +374,13 @@ class ReActAgent(AgentBase):
                         trace.meta.setdefault("repeated_actions", []).append({"step": i, "action": key,
                                                                                "count": repeats[key]})
                         if repeats[key] >= c.max_repeats:
-                            stop_reason = "repeated-action"
+                            if c.constrained and i < c.max_steps:
+                                must_finish = True  # one more step, restricted to Finish
+                                result = dataclasses.replace(result, output=result.output + " Now Finish with "
+                                                             "your best answer.")
+                                trace.meta["stopped_repeating"] = {"step": i, "action": key}
+                            else:
+                                stop_reason = "repeated-action"
                 guard.observe(result.output)
                 flags = injection_flags(result.output)
                 if flags:

@@ -141,3 +141,21 @@ def test_a_stopped_loop_is_said_under_the_answer():
     agent, _ = _agent([same.format(i=i) for i in range(1, 7)], max_repeats=2)
     notes = answer_notes(agent.run("Weather in Paris?"))
     assert any("repeated the same action (get_weather" in n and "2 times" in n for n in notes)
+
+
+def test_constrained_last_step_and_a_stuck_loop_may_only_finish():
+    agent, pol = _agent([" Look.\nAction 1: get_weather[Paris]", " Sunny.\nAction 2: Finish[sunny]"],
+                        constrained=True, max_steps=2)
+    trace = agent.run("Weather in Paris?")
+    last = pol.calls[-1].cfg.grammar.source
+    assert '"Finish["' in last and "get_weather" not in last and "convert_currency" not in last
+    assert trace.meta["forced_finish"] == {"step": 2, "reason": "last-step"} and trace.finished
+
+    same = " Check again.\nAction {i}: get_weather[Paris]"
+    agent, pol = _agent([*(same.format(i=i) for i in (1, 2)), " Sunny.\nAction 3: Finish[sunny]"],
+                        constrained=True, max_repeats=2, max_steps=6)
+    trace = agent.run("Weather in Paris?")
+    assert "Now Finish with your best answer." in trace.steps[1].observation
+    assert "get_weather" not in pol.calls[2].cfg.grammar.source
+    assert trace.meta["forced_finish"]["reason"] == "repeated-action" and trace.answer == "sunny"
+    assert trace.meta["stop_reason"] == "finish" and trace.fallback is None
