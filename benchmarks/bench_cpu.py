@@ -1,6 +1,10 @@
 """What the CPU-dependent defaults of ``ragloop.models.cpu`` cost or buy, each against its baseline in one run.
 
-Two measurements (``--mode``), each printing one JSON line:
+Three measurements (``--mode``), each printing one JSON line:
+
+- ``kernels``: CPU milliseconds of one decode step's matmuls (random weights of the embedded SmolLM2's shapes:
+  30 layers' fused QKV, O, gate|up, down; no output head) at M = 1 … 256 rows, for each candidate kernel of
+  bf16 weights — the measurement behind ``_Bf16FallbackLinear``'s row threshold; fp32 prepacked is the baseline;
 
 - ``sft``: one SFT training step (forward + backward + AdamW) of the embedded SmolLM2-135M on a batch of
   GSM8K-length rows, with bf16 autocast vs fp32 — the choice ``cpu.autocast_bf16()`` makes. Run it under
@@ -12,7 +16,7 @@ Two measurements (``--mode``), each printing one JSON line:
   situation of a machine shared with other work (issue 9: 2 threads decoded 4× slower than 1 there).
 
 States the CPU capability (``torch.backends.cpu.get_cpu_capability()`` and ragloop's class) and the load
-average. Run: ``.venv/bin/python benchmarks/bench_cpu.py --mode sft`` or ``--mode threads``.
+average. Run: ``.venv/bin/python benchmarks/bench_cpu.py --mode kernels`` (or ``sft``, ``threads``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,57 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def kernels(args: argparse.Namespace) -> dict:
+    """CPU ms per decode step's matmuls for each kernel and row count (best of ``--reps``), with ratios to fp32."""
+    import torch
+    import torch.nn.functional as F
+
+    from ragloop.models.fast import _Bf16FallbackLinear, _Int4Linear
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    D, inner, layers = 576, 1536, 30  # SmolLM2-135M: hidden, MLP, layers (KV 3 heads x 64 = 192)
+    weights = [torch.randn(s, generator=g) * 0.02 for s in [(D + 2 * 192, D), (D, D), (2 * inner, D), (D, inner)] * layers]
+
+    def pack(w: torch.Tensor, dt: torch.dtype):
+        return torch.ops.mkldnn._reorder_linear_weight(w.to(dt).contiguous(), 1)
+
+    def onednn(x, w):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+    cands = {
+        "fp32 oneDNN prepacked": (lambda w: pack(w, torch.float32), onednn, torch.float32),
+        "bf16 oneDNN prepacked": (lambda w: pack(w, torch.bfloat16), onednn, torch.bfloat16),
+        "bf16 F.linear": (lambda w: w.bfloat16(), F.linear, torch.bfloat16),
+        "bf16 weights, fp32 compute per call": (lambda w: w.bfloat16(), lambda x, w: F.linear(x, w.float()), torch.float32),
+        "bf16 fallback (ragloop)": (_Bf16FallbackLinear, lambda x, w: w(x), torch.float32),
+        "int4 4-bit kernel": (_Int4Linear, lambda x, w: w(x), torch.bfloat16),
+    }
+    rows = (1, 2, 4, 16, 64, 256)
+    out: dict = {}
+    for name, (prep, call, dt) in cands.items():
+        try:
+            packed = [prep(w) for w in weights]
+        except RuntimeError as e:  # oneDNN's bf16 path on a CPU without it
+            out[name] = f"unavailable: {str(e).splitlines()[0][:100]}"
+            continue
+        out[name] = {}
+        for m in rows:
+            xs = {k: torch.randn(m, k, generator=g).to(dt) for k in (D, inner)}
+            best = float("inf")
+            for _ in range(args.reps + 1):  # the first call warms up
+                c = time.process_time()
+                for w, p in zip(weights, packed, strict=True):
+                    call(xs[w.shape[1]], p)
+                best = min(best, time.process_time() - c)
+            out[name][f"M={m}"] = round(best * 1e3, 1)
+        del packed
+    base = out["fp32 oneDNN prepacked"]
+    ratios = {name: {k: round(base[k] / v, 2) for k, v in row.items()} for name, row in out.items() if isinstance(row, dict)}
+    return {"bench": "matmul_kernels", **cpu_fields(), "threads": args.threads, "clock": "cpu",
+            "cpu_ms_per_step": out, "speedup_vs_fp32_prepacked": ratios, "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def cpu_fields() -> dict:
@@ -145,8 +200,9 @@ def threads_under_load(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=("sft", "threads"), required=True, help="what to measure (see the docstring)")
-    ap.add_argument("--threads", type=int, default=1, help="sft: torch threads")
+    ap.add_argument("--mode", choices=("kernels", "sft", "threads"), required=True,
+                    help="what to measure (see the docstring)")
+    ap.add_argument("--threads", type=int, default=1, help="kernels, sft: torch threads")
     ap.add_argument("--batch", type=int, default=4, help="sft: rows per step")
     ap.add_argument("--length", type=int, default=256, help="sft: tokens per row")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions; the best is kept")
@@ -156,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hogs", type=int, default=1, help="threads: busy-loop processes running meanwhile")
     ap.add_argument("--hog-seconds", type=float, default=300, help="threads: the hogs stop after this at the latest")
     args = ap.parse_args(argv)
-    result = sft_steps(args) if args.mode == "sft" else threads_under_load(args)
+    result = {"kernels": kernels, "sft": sft_steps, "threads": threads_under_load}[args.mode](args)
     print(json.dumps(result))
     return result
 

@@ -115,10 +115,18 @@ class _Bf16FallbackLinear:
         self.out_features, self.in_features = weight.shape
         self.weight = weight.detach().to(torch.bfloat16).contiguous()  # (N, K)
         self.gemv_rows = gemv_rows
+        self.large: _PackedLinear | None = None
+
+    def keep_fp32_copy(self) -> None:
+        """Hold an fp32 prepacked copy of the (bf16-rounded) weights for calls above ``gemv_rows``: for the
+        output head (49152 x 576 in SmolLM2) widening per call costs more than the matmul itself."""
+        self.large = _PackedLinear(self.weight.float(), torch.float32, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= self.gemv_rows * self.in_features:
             return F.linear(x.to(torch.bfloat16), self.weight)  # (..., N) bf16
+        if self.large is not None:
+            return self.large(x.float())  # (..., N) fp32
         return F.linear(x.float(), self.weight.float())  # (..., N) fp32
 
 
@@ -397,6 +405,8 @@ class FastStepper:
             # int4 keeps the output projection in bf16: it is the (tied) embedding, 8-bit in GGUF files
             head_precision = "bf16" if precision == "int4" else precision
             self.lm_head = _make_linear(model.lm_head.weight, head_precision, 1, matmul_kernel(head_precision, self.cpu))
+            if isinstance(self.lm_head, _Bf16FallbackLinear):
+                self.lm_head.keep_fp32_copy()  # batched steps: the head's per-call widening dominated them
             if precision == "int4":
                 # True for the embedded model (Q4_1 GGUF); otherwise int4 rounds the weights (check quality)
                 self.int4_exact = all(lin.small.on_grid for layer in self.layers

@@ -128,14 +128,17 @@ def test_bf16_autocast_only_where_bf16_is_native():
 # -- the bf16 fallback kernel ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fp32_copy", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 3, 16])
-def test_bf16_fallback_equals_fp32_matmul_of_bf16_weights(rows):
+def test_bf16_fallback_equals_fp32_matmul_of_bf16_weights(rows, fp32_copy):
     from ragloop.models.fast import _Bf16FallbackLinear
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 64, generator=g)
     x = torch.randn(rows, 64, generator=g)
     lin = _Bf16FallbackLinear(w)
+    if fp32_copy:
+        lin.keep_fp32_copy()  # as the output head does
     y = lin(x)
     assert y.shape == (rows, 48)
     ref = F.linear(x, w.bfloat16().float())  # fp32 math on the bf16-rounded weights
