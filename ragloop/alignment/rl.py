@@ -157,15 +157,20 @@ class PolicyLossStats:
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_coef: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_coef: float,
+    token_weights: torch.Tensor | None = None,
 ) -> PolicyLossStats:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
-    mean over tokens of max(−A·r, −A·clip(r, 1 − ε, 1 + ε)) with r = π/π_old."""
+    mean over tokens of max(−A·r, −A·clip(r, 1 − ε, 1 + ε)) with r = π/π_old. ``token_weights`` (B, T), if
+    given, multiplies each token's term (truncated importance weights, ``truncated_is_weights``)."""
     logratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(logratio)  # (B, T)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
-    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    per_token = torch.maximum(pg1, pg2)  # (B, T)
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         clipfrac = masked_mean((pg2 > pg1).float(), mask)
         approx_kl = masked_mean(torch.expm1(logratio) - logratio, mask)  # k3, Schulman 2020
@@ -208,3 +213,60 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     if var_y.item() == 0:
         return float("nan")
     return float(1.0 - masked_var(target - pred, mask) / var_y)
+
+
+# ------------------------------------------------------------------------------------ group RL (GRPO/RLOO)
+
+
+def group_advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages of K samples per question, from their rewards (G groups, K samples): (G, K) → (G, K).
+
+    - ``grpo``: (r − mean_group) / (std_group + eps), std with the 1/(K−1) estimator as in the reference
+      implementations (Shao et al. 2024, "DeepSeekMath", §4.1.2 outcome supervision).
+    - ``rloo``: r_k − mean of the other K−1 rewards of its group, i.e. K/(K−1)·(r_k − mean_group)
+      (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+      Feedback in LLMs", eq. 6; Kool et al. 2019).
+
+    A group whose rewards are all equal gets advantage 0 everywhere (nothing to learn from it).
+    ``group_advantages([[1., 0., 0., 1.]])`` → ``[[0.866, -0.866, -0.866, 0.866]]`` (grpo), ``[[0.667, -0.667,
+    -0.667, 0.667]]`` (rloo).
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (groups, samples), got shape {tuple(rewards.shape)}")
+    r = rewards.float()
+    K = r.shape[1]
+    mean = r.mean(dim=1, keepdim=True)  # (G, 1)
+    if kind == "grpo":
+        std = r.std(dim=1, keepdim=True, unbiased=True) if K > 1 else torch.zeros_like(mean)  # (G, 1)
+        return (r - mean) / (std + eps)
+    if kind == "rloo":
+        if K < 2:
+            raise ValueError("RLOO needs at least 2 samples per group (the baseline is the other samples' mean)")
+        loo = (r.sum(dim=1, keepdim=True) - r) / (K - 1)  # (G, K): mean of the other K−1
+        return r - loo
+    raise ValueError(f"unknown group advantage {kind!r} (use 'grpo' or 'rloo')")
+
+
+def zero_std_fraction(rewards: torch.Tensor, tol: float = 1e-8) -> float:
+    """Share of groups (rows of a (G, K) reward tensor) whose rewards are all equal (no learning signal)."""
+    if rewards.numel() == 0:
+        return 0.0
+    spread = rewards.max(dim=1).values - rewards.min(dim=1).values  # (G,)
+    return float((spread <= tol).float().mean())
+
+
+def truncated_is_weights(
+    train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance weights min(π_train(y) / π_rollout(y), C) per token (B, T), 0 on padding.
+
+    The rollout engine (a reduced-precision decode path, a grammar mask) samples from π_rollout while the
+    gradient is taken under the training model's π_train; the clipped surrogate's ratio is π_θ/π_train(old)
+    and this weight corrects for the tokens having come from π_rollout (Yao et al. 2025, "Your Efficient RL
+    Framework Secretly Brings You Off-Policy RL Training", truncated importance sampling, C = 2 there;
+    Ionides 2008 for truncation). No gradient flows through it.
+    ``truncated_is_weights([[log .5, log .2]], [[log .25, log .4]], [[1, 1]], 2.)`` → ``[[2.0, 0.5]]``.
+    """
+    with torch.no_grad():
+        w = torch.exp(train_logprobs.float() - rollout_logprobs.float()).clamp(max=cap)  # (B, T)
+    return w * mask
