@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,7 +137,10 @@ class GrammarCompiler:
         self.vocab_size = int(self.lltok.vocab_size)
         # masks of many rows are computed in parallel (Rust threads, GIL released), as many as torch uses
         self.executor = llguidance.LLExecutor(num_threads=max(1, torch.get_num_threads()))
-        self._protos: dict[GrammarSpec, Any] = {}
+        # compiled prototypes, least recently used dropped past ``max_grammars`` (agents make one per step
+        # number and budget; a long-running server must not grow without bound)
+        self._protos: OrderedDict[GrammarSpec, Any] = OrderedDict()
+        self.max_grammars = 256
         self._lock = threading.Lock()
 
     def _grammar(self, spec: GrammarSpec) -> str:
@@ -153,13 +157,17 @@ class GrammarCompiler:
         """A fresh matcher at the start of ``spec``; a bad grammar is a UsageError naming it."""
         with self._lock:
             proto = self._protos.get(spec)
-            if proto is None:
+            if proto is not None:
+                self._protos.move_to_end(spec)
+            else:
                 proto = self._llg.LLMatcher(self.lltok, self._grammar(spec), log_level=0)
                 if proto.is_error():
                     raise UsageError(f"grammar {spec.name or spec.kind!r} does not compile: "
                                      f"{proto.get_error().strip().splitlines()[0]}",
                                      hint="check the grammar's syntax (llguidance Lark / regex / JSON schema)")
                 self._protos[spec] = proto
+                while len(self._protos) > self.max_grammars:
+                    self._protos.popitem(last=False)
             return GrammarMatcher(proto.deep_copy(), spec, self.end_ids, self.executor)
 
 

@@ -164,3 +164,14 @@ def test_a_row_with_nothing_allowed_may_only_end():
     m.fill_mask(row)
     allowed = torch.isfinite(G.apply_bitmask(torch.zeros(1, 64), row.unsqueeze(0)))[0]
     assert allowed.nonzero().flatten().tolist() == [2, 31, 63]
+
+
+def test_compiled_grammars_are_bounded(smol_tokenizer):
+    comp = G.compiler_for(smol_tokenizer)
+    old, comp.max_grammars = comp.max_grammars, 3
+    try:
+        for i in range(6):
+            comp.matcher(G.label_grammar([f"L{i}"]))
+        assert len(comp._protos) == 3
+    finally:
+        comp.max_grammars = old
