@@ -1,8 +1,8 @@
-"""``ragloop train sft|reward|ppo``, ``ragloop cai revise``, ``ragloop rlaif label``, ``ragloop improve``.
+"""``ragloop train sft|reward|ppo|grpo``, ``ragloop cai revise``, ``ragloop rlaif label``, ``ragloop improve``.
 
 Thin commands: parse the options, build the config, call one library function from ``ragloop.alignment``,
 print a one-line result. Training commands take ``--resume`` (continue exactly from the last checkpoint in
-``--out``). Heavy imports happen inside the commands.
+``--out``; not ``train grpo`` yet). Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 
 from ragloop.core.errors import UsageError
 
-train_app = typer.Typer(help="Train the policy (SFT, PPO) or a reward model.", no_args_is_help=True)
+train_app = typer.Typer(help="Train the policy (SFT, PPO, GRPO) or a reward model.", no_args_is_help=True)
 cai_app = typer.Typer(help="Constitutional AI: critique → revision over traces.", no_args_is_help=True)
 rlaif_app = typer.Typer(help="RLAIF: AI preference labels between two responses.", no_args_is_help=True)
 
@@ -229,6 +229,126 @@ def train_ppo(
     last = res.history[-1] if res.history else {}
     typer.echo(f"PPO: {res.iterations} iterations, reward {last.get('env/reward_mean', float('nan')):.3f}, "
                f"KL {last.get('objective/kl', float('nan')):.3f}, {res.rollbacks} rollbacks — {res.policy_dir}")
+
+
+@train_app.command("grpo")
+def train_grpo(
+    policy: str = typer.Option(..., "--policy", help=POLICY_HELP),
+    prompts: Path = typer.Option(..., "--prompts",
+                                 help="JSONL, one question per line: {'question': text, 'answer': gold} "
+                                      "('prompt'/'gold' are accepted too; the answer may be omitted with --w-correct 0)."),
+    out: Path = typer.Option(..., "--out", help="Run directory (metrics, best/ checkpoint, the trained policy/)."),
+    agent: str = typer.Option("pal", "--agent", help="The agent whose episodes are rolled out: 'pal' or 'react'."),
+    task: str = typer.Option("gsm8k", "--task",
+                             help="'gsm8k' (numeric answers; ReAct gets the Calculator) or 'claims' (SUPPORTS/REFUTES/"
+                                  "NOT ENOUGH INFO; ReAct searches --index)."),
+    index: str | None = typer.Option(None, "--index", help="ReAct on claims: the index to search (name or path)."),
+    shots: int = typer.Option(0, "--shots", help="Exemplars in the agent's prompt (0 keeps prompts short)."),
+    max_steps: int = typer.Option(4, "--max-steps", help="ReAct: model calls per episode at most."),
+    reward: Path | None = typer.Option(None, "--reward", help="Reward model directory (train reward --out DIR/model), added with --w-rm."),
+    w_correct: float = typer.Option(1.0, "--w-correct", help="Reward weight of a correct answer (the row's 'answer')."),
+    w_format: float = typer.Option(0.1, "--w-format", help="Reward weight of an answer in the agent's own format."),
+    w_rm: float = typer.Option(1.0, "--w-rm", help="Reward weight of the reward model's score (with --reward)."),
+    advantage: str = typer.Option("grpo", "--advantage", help="'grpo' (group-normalised) or 'rloo' (leave-one-out)."),
+    iterations: int = typer.Option(10, "--iterations", help="GRPO iterations (rollout + update each)."),
+    batch_questions: int = typer.Option(4, "--batch-questions", help="Questions (groups) per iteration."),
+    samples: int = typer.Option(4, "--samples", help="Episodes per question (the group size, >= 2)."),
+    max_new_tokens: int = typer.Option(256, "--max-tokens", help="Tokens per model call of an episode."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Rollout sampling temperature."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate (LoRA default; ~1e-6..1e-5 with --full)."),
+    kl_coef: float = typer.Option(0.04, "--kl-coef", help="Weight of the k3 KL to the starting policy."),
+    tis_cap: float = typer.Option(2.0, "--tis-cap",
+                                  help="Cap C of the truncated importance weight min(π_train/π_rollout, C) that "
+                                       "corrects rollouts from another precision (Yao et al. 2025); 0 = off."),
+    rollout_precision: str = typer.Option("fp32", "--rollout-precision",
+                                          help="Decode weights of the rollouts: fp32, bf16, int8 or int4 (training stays fp32)."),
+    val_n: int | None = typer.Option(None, "--val-n",
+                                     help="Keep-best: the last N rows are a validation slice (greedy, every "
+                                          "--eval-every iterations); the best weights are the final policy. "
+                                          "Default: a fifth of the rows, at most 8. 0 = keep the last."),
+    eval_every: int = typer.Option(5, "--eval-every", help="Iterations between validation runs."),
+    full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of a LoRA policy."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the run manifest; same seed, same result)."),
+    budget_minutes: float | None = typer.Option(None, "--budget-minutes", help="Stop cleanly after this many minutes (the best checkpoint is kept)."),
+) -> None:
+    """GRPO/RLOO over agent episodes: several episodes per question, group-normalised advantages, no critic.
+
+    Observation tokens (tool output) are context only; rollouts from another precision are corrected by
+    truncated importance sampling; a run that cannot learn (flat rewards, every completion cut, KL blow-up,
+    length collapse) stops with the cause. Exits with code 6 after an alarm (the best policy is still written).
+
+    Examples:
+      ragloop train grpo --policy ckpt/sft/policy --prompts gsm8k_qa.jsonl --out ckpt/grpo --iterations 5
+      ragloop train grpo --policy default --agent react --prompts qa.jsonl --out ckpt/grpo-react --advantage rloo --samples 6
+    """
+    from ragloop.agents.factory import AgentSpec, build_agent
+    from ragloop.alignment.data import load_jsonl_rows
+    from ragloop.alignment.grpo import GRPOConfig, GRPOItem, make_episode_reward, run_grpo
+    from ragloop.alignment.reward import load_reward_model
+    from ragloop.core.errors import TrainingError
+    from ragloop.models.loading import load_policy
+
+    if agent not in ("pal", "react"):
+        raise UsageError(f"--agent must be 'pal' or 'react', got {agent!r}")
+    if task not in ("gsm8k", "claims"):
+        raise UsageError(f"--task must be 'gsm8k' or 'claims', got {task!r}")
+    if agent == "pal" and task != "gsm8k":
+        raise UsageError("--agent pal solves math word problems only", hint="use --task gsm8k, or --agent react")
+    if agent == "react" and task == "claims" and index is None:
+        raise UsageError("--agent react --task claims needs an index to search", hint="pass --index NAME_OR_PATH")
+    if val_n is not None and val_n < 0:
+        raise UsageError(f"--val-n must be >= 0, got {val_n}")
+    _out_dir(out)
+    raw, _ = load_jsonl_rows(_existing(prompts, "prompts file"))
+    items = []
+    for r in raw:
+        q, gold = r.get("question", r.get("prompt")), r.get("answer", r.get("gold"))
+        if isinstance(q, str) and q.strip():
+            items.append(GRPOItem(question=q, gold=None if gold is None else str(gold)))
+    if not items:
+        raise UsageError(f"no usable rows in {prompts}: each line needs a non-empty 'question'")
+    if w_correct and any(it.gold is None for it in items):
+        raise UsageError(f"{sum(it.gold is None for it in items)} rows of {prompts} have no 'answer'",
+                         hint="give every row an 'answer', or pass --w-correct 0 (then the reward is format/--reward)")
+    if val_n is None:
+        val_n = min(8, len(items) // 5)
+    if val_n and len(items) - val_n < 1:
+        raise UsageError(f"--val-n {val_n} leaves no training questions of {len(items)}", hint="lower --val-n")
+    train_items, val_items = (items[:-val_n], items[-val_n:]) if val_n else (items, [])
+    retriever = None
+    if agent == "react" and task == "claims":
+        from ragloop.retrieval import Retriever
+
+        retriever = Retriever.open(index)
+    # fallback "none": an episode is the policy's own actions (a CoT fallback would add samples it did not choose)
+    spec = AgentSpec(kind=agent, task="math" if task == "gsm8k" else "claims", shots=shots, max_steps=max_steps,  # type: ignore[arg-type]
+                     max_new_tokens=max_new_tokens, fallback="none", seed=seed)
+
+    def make_agent(pol: Any, sandbox: Any) -> Any:
+        return build_agent(pol, spec, retriever=retriever, sandbox=sandbox)
+
+    rm = load_reward_model(_existing(reward, "reward model")) if reward else None
+    fn = make_episode_reward(task=task, w_correct=w_correct, w_format=w_format, reward_model=rm, w_rm=w_rm)
+    cfg = GRPOConfig(out_dir=str(out), iterations=iterations, batch_questions=batch_questions, samples=samples,
+                     advantage=advantage, task=task, max_new_tokens=max_new_tokens, temperature=temperature,
+                     lora=not full, lr=lr, kl_coef=kl_coef, tis_cap=tis_cap or None,
+                     rollout_precision=rollout_precision, eval_every=eval_every, seed=seed,
+                     budget_seconds=_budget(budget_minutes))
+    sandbox = None
+    if agent == "pal":
+        from ragloop.agents.sandbox import Sandbox
+
+        sandbox = Sandbox()
+    res = run_grpo(cfg, load_policy(policy), train_items, make_agent, fn, val_items=val_items, sandbox=sandbox,
+                   progress=_echo_row(1))
+    last = res.history[-1] if res.history else {}
+    best = (f", best validation at iteration {res.best_iteration} (score {res.best_score:.3f})"
+            if res.best_iteration is not None else "")
+    typer.echo(f"GRPO: {res.iterations} iterations, reward {last.get('grpo/reward_mean', float('nan')):.3f}, "
+               f"zero-variance groups {last.get('grpo/zero_std_frac', float('nan')):.2f}, "
+               f"KL {last.get('grpo/kl', float('nan')):.4f}{best} — {res.policy_dir}")
+    if res.alarm is not None:
+        raise TrainingError(f"GRPO stopped: {res.alarm}", hint=f"the best policy so far is in {res.policy_dir}")
 
 
 # ------------------------------------------------------------------------------------------- CAI/RLAIF

@@ -235,3 +235,35 @@ def test_flat_reward_alarm_stops_in_the_first_iterations(smol_tokenizer, tiny_mo
     assert "same reward" in res.alarm and "nothing to learn" in res.alarm
     assert [r["grpo/zero_std_frac"] for r in res.history] == [1.0, 1.0]
     assert [r["grpo/updated"] for r in res.history] == [0.0, 0.0]
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_grpo_alarm_exit_and_bad_input(smol_tokenizer, tiny_model_factory, tmp_path, capsys):
+    import json
+
+    from ragloop.alignment.checkpoint import export_policy
+    from ragloop.cli import main
+
+    pdir = tmp_path / "tiny"
+    export_policy(tiny_model_factory(seed=0), smol_tokenizer, pdir, name="tiny", manifest={})
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": q, "answer": "999"}) + "\n" for q in QS + VAL))
+    args = ["train", "grpo", "--policy", str(pdir), "--prompts", str(qa), "--out", str(tmp_path / "run"),
+            "--iterations", "4", "--batch-questions", "2", "--samples", "2", "--max-tokens", "6", "--val-n", "2",
+            "--eval-every", "1", "--full", "--lr", "1e-3", "--w-format", "0"]
+    assert main(args) == 6  # TrainingError: the flat-reward alarm
+    out, err = capsys.readouterr()
+    assert "GRPO: 2 iterations" in out and "best validation at iteration 0" in out
+    assert "GRPO stopped: every sample of every question got the same reward" in err
+    assert (tmp_path / "run" / "policy" / "ragloop.json").is_file()
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    noans = tmp_path / "noans.jsonl"
+    noans.write_text(json.dumps({"question": "What is 2+2?"}) + "\n")
+    assert main(["train", "grpo", "--policy", str(pdir), "--prompts", str(noans), "--out", str(tmp_path / "r2")]) == 2
+    assert "have no 'answer'" in capsys.readouterr().err
+    assert main([*args[:6], "--out", str(tmp_path / "r3"), "--samples", "1"]) == 2  # ConfigError, before loading
+    assert "samples must be >= 2" in capsys.readouterr().err
+    assert main([*args[:6], "--out", str(tmp_path / "r3"), "--val-n", "6"]) == 2
+    assert "--val-n 6 leaves no training questions of 6" in capsys.readouterr().err
