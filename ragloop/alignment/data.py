@@ -86,6 +86,7 @@ class DropReport:
     read: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    fitted: int = 0  # kept rows shortened to fit (whole context exemplars removed, never the answer)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1
@@ -95,11 +96,12 @@ class DropReport:
         return sum(self.dropped.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "kept": self.kept, "dropped": dict(self.dropped)}
+        return {"read": self.read, "kept": self.kept, "dropped": dict(self.dropped), "fitted": self.fitted}
 
     def summary(self) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return f"{self.kept} of {self.read} rows kept (dropped — {why})"
+        fit = f"; {self.fitted} fitted to the length limit by dropping context exemplars" if self.fitted else ""
+        return f"{self.kept} of {self.read} rows kept (dropped — {why}){fit}"
 
 
 # ------------------------------------------------------------------------------------ traces → SFT rows

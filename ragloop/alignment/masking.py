@@ -8,12 +8,15 @@ retrieved passages never enter the loss (the masking of Ouyang et al. 2022 and e
 
 The span of assistant turn ``i`` is found by rendering prefixes: ``render(messages[:i], gen_prompt=True)``
 ends where the turn's content starts. A template whose renderings are not prefixes of each other is
-refused with a DataError rather than guessed at. A row longer than ``max_length`` tokens is dropped and
-counted, never truncated.
+refused with a DataError rather than guessed at. A row longer than ``max_length`` tokens is first fitted
+by ``drop_exemplar_blocks`` — whole in-context exemplars are removed from its context messages (agent
+prompts carry up to 8 of them: 1.2k-9.9k tokens) — and dropped and counted only if it still does not fit;
+the model's own (trainable) text is never cut.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -156,22 +159,96 @@ def tokenize_chat(
     return ex
 
 
+# An exemplar starts at a line beginning with one of the task prefixes the agents' prompts use (PAL/CoT
+# "Q:", ReAct "Question:"/"Claim:"); a "Context:" line starts the retrieved context of the final question.
+_EXEMPLAR_START = re.compile(r"^(?:Q|Question|Claim|Context):", re.M)
+
+
+def _exemplar_blocks(text: str, *, is_prompt: bool) -> list[tuple[int, int]]:
+    """Character spans of the droppable exemplar blocks in one context message: every block from a task-prefix
+    line to the next. When the message is the prompt the model answered (``is_prompt``), its final question
+    (the last block, with a ``Context:`` block right before it) is kept::
+
+        _exemplar_blocks("Head\nQ: a\nA1\nQ: b\n", is_prompt=True) -> [(5, 13)]     # "Q: a\nA1\n"
+    """
+    starts = [m.start() for m in _EXEMPLAR_START.finditer(text)]
+    if not starts:
+        return []
+    blocks = list(zip(starts, [*starts[1:], len(text)], strict=True))  # (start, end) of each block
+    if is_prompt and blocks:
+        blocks.pop()  # the question itself
+        if blocks and text.startswith("Context:", blocks[-1][0]):
+            blocks.pop()
+    return [b for b in blocks if not text.startswith("Context:", b[0])]
+
+
+def drop_exemplar_blocks(messages: Sequence[Message], n: int) -> list[Message] | None:
+    """The messages with the first ``n`` droppable exemplar blocks removed from the context messages before
+    the model's first turn (most relevant exemplars come first in a similarity-chosen set, but any whole exemplar is an
+    equally valid context; the instruction head and the final question stay). None when fewer than ``n``
+    exist. Trainable assistant text is never touched."""
+    out = list(messages)
+    left = n
+    for i, m in enumerate(messages):
+        if left == 0 or m.role == "assistant":
+            break  # only the prompt before the model's first turn; later context (observations) is evidence
+        is_prompt = i + 1 < len(messages) and messages[i + 1].role == "assistant"
+        blocks = _exemplar_blocks(m.content, is_prompt=is_prompt)[:left]
+        if not blocks:
+            continue
+        text, cut = m.content, 0
+        for s, e in blocks:
+            text = text[: s - cut] + text[e - cut:]
+            cut += e - s
+        out[i] = m.model_copy(update={"content": text})
+        left -= len(blocks)
+    return out if left == 0 else None
+
+
+def _tokenize_row(row: SFTRow, render: Renderer, tokenizer: Any, max_length: int) -> tuple[TokenizedExample, int]:
+    """Tokenise one row, dropping whole exemplars from its context until it fits ``max_length``; returns the
+    example and how many exemplars were dropped. Raises DataError when even no exemplars do not fit."""
+
+    def tok(msgs: Sequence[Message]) -> TokenizedExample:
+        if row.template == "raw":
+            return tokenize_raw(msgs, tokenizer, max_length=max_length)
+        return tokenize_chat(msgs, render, tokenizer, max_length=max_length)
+
+    try:
+        return tok(row.messages), 0
+    except DataError as e:
+        if "longer than max_length" not in str(e):
+            raise
+        first = e
+    n = 1
+    while (msgs := drop_exemplar_blocks(row.messages, n)) is not None:
+        try:
+            return tok(msgs), n
+        except DataError as e:
+            if "longer than max_length" not in str(e):
+                raise
+        n += 1
+    raise first
+
+
 def tokenize_rows(
     rows: Sequence[SFTRow], render: Renderer, tokenizer: Any, *, max_length: int
 ) -> tuple[list[TokenizedExample], DropReport]:
-    """Tokenise many rows; rows too long or with nothing to learn are dropped and counted."""
+    """Tokenise many rows. A row over ``max_length`` loses whole context exemplars until it fits (counted in
+    ``report.fitted``); rows still too long or with nothing to learn are dropped and counted."""
     report = DropReport()
     out: list[TokenizedExample] = []
     for row in rows:
         report.read += 1
         try:
-            if row.template == "raw":
-                out.append(tokenize_raw(row.messages, tokenizer, max_length=max_length))
-            else:
-                out.append(tokenize_chat(row.messages, render, tokenizer, max_length=max_length))
-            report.kept += 1
+            ex, n_dropped = _tokenize_row(row, render, tokenizer, max_length)
         except DataError as e:
             report.drop("too_long" if "longer than max_length" in str(e) else "unmaskable")
+            continue
+        out.append(ex)
+        report.kept += 1
+        if n_dropped:
+            report.fitted += 1
     return out, report
 
 

@@ -86,7 +86,7 @@ class SFTConfig:
     max_steps: int | None = None  # optimizer steps; None = epochs × batches
     batch_size: int = 8  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_length: int = 512  # tokens; longer rows are dropped and counted, never truncated
+    max_length: int = 512  # tokens; longer rows lose whole context exemplars, then are dropped and counted; never the answer
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -403,7 +403,7 @@ def run_sft(
     if not examples:
         raise DataError(f"no SFT row survived tokenisation ({report.summary()})",
                         hint=f"raise max_length (now {cfg.max_length}) or check the rows")
-    if report.n_dropped:
+    if report.n_dropped or report.fitted:
         log.warning("SFT data: %s", report.summary())
     data_hash = row_hash([e.input_ids for e in examples] + [e.labels for e in examples])
     general: Sequence[TokenizedExample | Seq2SeqExample] = []
@@ -581,12 +581,22 @@ def _finish_model(model: Any, cfg: SFTConfig) -> Any:
     return model
 
 
+def _tokenised_note(rep: dict[str, Any]) -> str:
+    """What tokenisation did to the rows, when it did anything (fitted to --max-length, or dropped)."""
+    fitted, dropped = rep.get("fitted", 0), sum((rep.get("dropped") or {}).values())
+    parts = ([f"{fitted} rows fitted to max_length by dropping context exemplars"] if fitted else []) + (
+        [f"{dropped} rows dropped at tokenisation ({', '.join(f'{k}: {v}' for k, v in rep['dropped'].items())})"]
+        if dropped else [])
+    return (", " + ", ".join(parts)) if parts else ""
+
+
 def sft_report_line(res: SFTResult) -> str:
     f = res.forgetting
     return (f"SFT: {res.steps} steps, final loss {res.final_loss if res.final_loss is None else round(res.final_loss, 4)}, "
             f"{res.skipped_steps} skipped, {res.tokens_per_second:.0f} tok/s"
             + (f", forgetting ΔNLL {f:+.4f}" if f is not None else "")
             + (f", data-parallel ×{res.world_size}" if res.world_size > 1 else "")
+            + _tokenised_note(res.data_report)
             + (f" — policy: {res.policy_dir}" if res.policy_dir else ""))
 
 

@@ -13,13 +13,14 @@ from typing import Any
 
 import typer
 
-from ragloop.core.errors import UsageError
+from ragloop.core.errors import DataError, UsageError
 
 train_app = typer.Typer(help="Train the policy (SFT, PPO, GRPO) or a reward model.", no_args_is_help=True)
 cai_app = typer.Typer(help="Constitutional AI: critique → revision over traces.", no_args_is_help=True)
 rlaif_app = typer.Typer(help="RLAIF: AI preference labels between two responses.", no_args_is_help=True)
 
-POLICY_HELP = "Policy: 'default' (embedded SmolLM2), an HF directory, a .gguf file, or a ragloop checkpoint."
+POLICY_HELP = ("Policy: 'default' (embedded SmolLM2), an HF directory, a .gguf file, a ragloop checkpoint, or a "
+               "training run's --out directory (its policy/).")
 
 
 def _echo_row(every: int = 10):
@@ -84,7 +85,10 @@ def train_sft(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the method's own, see the config docstring)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per optimiser step."),
-    max_length: int = typer.Option(512, "--max-length", help="Longer rows are dropped and counted."),
+    max_length: int = typer.Option(
+        512, "--max-length",
+        help="Tokens per row: longer rows lose whole context exemplars until they fit (never the answer); rows "
+             "that still do not fit are dropped and counted."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast."),
     grad_norm_penalty: float = typer.Option(
         0.0, "--grad-norm-penalty", metavar="COEF",
@@ -97,6 +101,7 @@ def train_sft(
 
     Examples:
       ragloop train sft --traces runs/pal.jsonl --lora --out ckpt/sft
+      ragloop ask "What is 6 * 7?" --agent react --save t.jsonl && ragloop train sft --traces t.jsonl --all-traces --lora --out ckpt/sft
       ragloop logs -n 0 --traces logged.jsonl && ragloop train sft --traces logged.jsonl --all-traces --out ckpt/sft
     """
     from ragloop.alignment.data import (
@@ -125,6 +130,13 @@ def train_sft(
         if not all_traces:  # one summary: read = all traces, dropped = filter's reasons + conversion's
             report.read = pre.read
             report.dropped.update(pre.dropped)
+        if not rows:
+            why = ", ".join(f"{v} {k}" for k, v in sorted(report.dropped.items())) or "the file holds no traces"
+            hint = ("traces from ask, logs --traces and serve --capture carry no correctness judgement: add "
+                    "--all-traces to train on them as they are (or judge them first, e.g. with eval)"
+                    if report.dropped.get("unjudged") or report.dropped.get("incorrect") or
+                    report.dropped.get("format_invalid") else "check the trace file")
+            raise DataError(f"none of the {report.read} traces in {traces} is usable for SFT ({why})", hint=hint)
     else:
         raw, rep0 = load_jsonl_rows(_existing(data, "data file"))
         rows, report = validate_sft_rows(raw)
@@ -365,6 +377,10 @@ def cai_revise(
 ) -> None:
     """Critique each trace's response under the constitution and revise it; writes SFT rows.
 
+    A revision is kept only if it still works in the agent's format (PAL: the program runs; ReAct: the action
+    parses), invents no number or identifier absent from the prompt, evidence and original, drops none of the
+    original answer's, and does not loop; rejections are counted by reason.
+
     Examples:
       ragloop cai revise --traces runs/react.jsonl --out revised.jsonl
       ragloop cai revise --traces runs/pal.jsonl --out revised.jsonl --principles evidence,honest
@@ -384,7 +400,9 @@ def cai_revise(
     pol = load_policy(policy)
     with progress_bar("critique + revise", quiet=quiet, total=len(ts)) as update:
         res = revise_traces(pol, ts, cons, out_path=out, seed=seed, progress=lambda d, n: update(d, n))
-    typer.echo(f"revised {res.revised} of {res.read} traces ({res.unchanged} unchanged) → {out}")
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(res.rejected.items()))
+    rejected = f", {res.n_rejected} revisions rejected ({why})" if res.n_rejected else ", none rejected"
+    typer.echo(f"kept {res.revised} revisions of {res.read} traces as SFT rows ({res.unchanged} unchanged{rejected}) → {out}")
 
 
 @rlaif_app.command("label")

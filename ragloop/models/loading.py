@@ -129,6 +129,8 @@ def resolve_spec(spec: str | os.PathLike[str] | None) -> ModelSource:
     if p.is_dir():
         if (p / "config.json").is_file():
             return ModelSource("hf", p.resolve(), _name_from_path(p))
+        if (p / "policy" / "config.json").is_file():  # a training run's --out: its exported policy/
+            return resolve_spec(p / "policy")
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
             return ModelSource("gguf", ggufs[0].resolve(), ggufs[0].stem.lower())
