@@ -65,7 +65,7 @@ def test_revise_traces_on_tiny_model(smol_tokenizer, tiny_model_factory, tmp_pat
     ts = [_trace("What is 2+2?", "def solution():\n    return 5", False)]
     res = revise_traces(pol, ts, load_constitution(["answers-question"]), out_path=tmp_path / "rows.jsonl",
                         max_new_tokens=8)
-    assert res.read == 1 and res.revised + res.unchanged == 1
+    assert res.read == 1 and res.revised + res.unchanged + res.n_rejected == 1
     crit = ts[0].feedback.critiques[0]
     assert crit["principle"] == "answers-question" and crit["by"] == "tiny"
     if res.revised:  # a random tiny model almost surely changes the text
