@@ -489,6 +489,8 @@ def run_grpo(
         if alarm is not None:
             log.warning("GRPO stopped at iteration %d: %s", it, alarm)
             stopped = "alarm"
+            if not validation or validation[-1]["iteration"] != it - 1:
+                validate(it - 1)  # the weights as they are (this iteration did not step): may still be the best
             break
         over = cfg.budget_seconds is not None and clock() - t_start > cfg.budget_seconds
         if it % cfg.eval_every == 0 or it == cfg.iterations or over:

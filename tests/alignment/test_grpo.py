@@ -267,3 +267,15 @@ def test_cli_train_grpo_alarm_exit_and_bad_input(smol_tokenizer, tiny_model_fact
     assert "samples must be >= 2" in capsys.readouterr().err
     assert main([*args[:6], "--out", str(tmp_path / "r3"), "--val-n", "6"]) == 2
     assert "--val-n 6 leaves no training questions of 6" in capsys.readouterr().err
+
+
+def test_bf16_rollouts_are_reweighted(smol_tokenizer, tiny_model_factory, tmp_path, sandbox):
+    """Rollouts decoded with bf16 weights, trained in fp32: the recorded log-probs differ from the training
+    forward's, and the loss uses the truncated weights (their mean is no longer exactly 1)."""
+    pol = LocalPolicy.from_model(tiny_model_factory(seed=0), smol_tokenizer, name="tiny")
+    res = run_grpo(_cfg(tmp_path, lora=False, rollout_precision="bf16", tis_cap=2.0), pol,
+                   [GRPOItem(q) for q in QS], _pal, _length_reward, sandbox=sandbox)
+    row = res.history[-1]
+    assert row["grpo/rollout_logprob_dev"] > 1e-4
+    assert row["grpo/is_weight_mean"] != 1.0 and math.isfinite(row["grpo/is_weight_mean"])
+    assert math.isfinite(row["grpo/loss"]) and row["grpo/updated"] == 1.0
