@@ -5,6 +5,8 @@ Python API (mirrors the CLI; submodules load on first use):
 - ``run_sft(SFTConfig(...), policy, rows)`` — full / LoRA / prompt-tuning SFT (``ragloop train sft``)
 - ``train_reward_model(RewardConfig(...), pairs)`` / ``load_reward_model(dir)`` — ``ragloop train reward``
 - ``run_ppo(PPOConfig(...), policy, items, reward_fn)`` — ``ragloop train ppo``
+- ``run_grpo(GRPOConfig(...), policy, items, make_agent, reward_fn)`` — GRPO/RLOO over agent episodes,
+  ``ragloop train grpo``
 - ``revise_traces(policy, traces, principles)`` / ``label_traces(judge, traces)`` — ``ragloop cai revise``,
   ``ragloop rlaif label``
 - ``run_improve(ImproveConfig(...))`` — ``ragloop improve``
@@ -22,6 +24,7 @@ _LAZY = {
     "RewardConfig": "reward", "RewardModel": "reward", "train_reward_model": "reward",
     "load_reward_model": "reward",
     "PPOConfig": "ppo", "PPOItem": "ppo", "run_ppo": "ppo", "make_reward_fn": "ppo",
+    "GRPOConfig": "grpo", "GRPOItem": "grpo", "run_grpo": "grpo", "make_episode_reward": "grpo",
     "load_constitution": "cai", "revise_traces": "cai", "label_traces": "cai",
     "ImproveConfig": "improve", "run_improve": "improve",
     "run_agent_batched": "collect",
