@@ -12,8 +12,9 @@ Three measurements (``--mode``), each printing one JSON line:
   emulation: same silicon, AVX2 kernels; bf16 is then converted in software, as on a real AVX2 CPU);
 - ``threads``: greedy decode speed (the fast path at ``--precision``, 64 tokens, best of ``--reps``) in child
   processes started with the default thread count (``configure_threads()``: physical cores not busy now)
-  and with 1 thread, while ``--hogs`` busy-loop processes (bounded by ``--hog-seconds``) hold cores, the
-  situation of a machine shared with other work (issue 9: 2 threads decoded 4× slower than 1 there).
+  with 1 thread, and with all physical cores (the load-blind choice), while ``--hogs`` busy-loop processes
+  (bounded by ``--hog-seconds``) hold cores: a machine shared with other work (issue 9: 2 threads decoded
+  4× slower than 1 there).
 
 States the CPU capability (``torch.backends.cpu.get_cpu_capability()`` and ragloop's class) and the load
 average. Run: ``.venv/bin/python benchmarks/bench_cpu.py --mode kernels`` (or ``sft``, ``threads``).
@@ -179,21 +180,28 @@ def threads_under_load(args: argparse.Namespace) -> dict:
     try:
         time.sleep(1.0)  # let the hogs show up in /proc/stat before the first child samples it
         load_before = round(os.getloadavg()[0], 2)
-        runs: dict[str, list[dict]] = {"default": [], "one": []}
+        from ragloop.models.cpu import physical_cores
+
+        cores = physical_cores()
+        runs: dict[str, list[dict]] = {"default": [], "one": [], "all_cores": []}
         for _ in range(args.rounds):
             runs["default"].append(decode_child(None, args))
             runs["one"].append(decode_child(1, args))
+            if cores > 1:  # what a default of "all cores", blind to the load, would have done
+                runs["all_cores"].append(decode_child(cores, args))
         load_after = round(os.getloadavg()[0], 2)
     finally:
         for h in hogs:
             h.kill()
             h.wait()
-    best = {k: max(r["tok_s"] for r in v) for k, v in runs.items()}
+    best = {k: max(r["tok_s"] for r in v) for k, v in runs.items() if v}
     return {
         "bench": "threads_under_load", **cpu_fields(), "precision": args.precision, "tokens": args.tokens,
         "hogs": args.hogs, "cores": os.cpu_count(), "default_threads_chosen": [r["threads"] for r in runs["default"]],
         "default_tok_s": best["default"], "one_thread_tok_s": best["one"],
         "default_vs_one_ratio": round(best["default"] / best["one"], 2),
+        "all_cores_tok_s": best.get("all_cores"),
+        "all_cores_vs_one_ratio": round(best["all_cores"] / best["one"], 2) if "all_cores" in best else None,
         "all_runs": runs, "loadavg_1m": [load_before, load_after],
     }
 
