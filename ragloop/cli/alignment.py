@@ -455,7 +455,20 @@ def rlaif_label(
 
 def improve(
     out: Path = typer.Option(..., "--out", help="Output directory (summary.json, table.md, traces/, sft/, rm/, ppo/)."),
-    task: str = typer.Option("gsm8k-pal", "--task", help="gsm8k-pal or scifact-react."),
+    task: str = typer.Option("gsm8k-pal", "--task",
+                             help="gsm8k-pal, scifact-react, or custom (your own --questions file)."),
+    questions: Path | None = typer.Option(
+        None, "--questions",
+        help='custom: JSONL, one {"question": ..., "answer": ...} per line (answer: text, a number, or a list of '
+             "accepted texts)."),
+    agent: str = typer.Option("react", "--agent", help="custom: the agent to improve, react, pal or cot."),
+    metric: str = typer.Option("em", "--metric",
+                               help="custom: how an answer is scored, em (exact match), f1 (token F1 >= 0.5), "
+                                    "numeric, or label."),
+    train_split: float = typer.Option(0.8, "--train-split",
+                                      help="custom: share of the questions to train on (seeded split); the rest is "
+                                           "the held-out slice of the before/after table."),
+    samples: int = typer.Option(4, "--samples", help="custom: sampled runs of the agent per training question."),
     budget_minutes: float = typer.Option(60.0, "--budget-minutes", help="Budget for the whole loop (see --budget-clock)."),
     budget_clock: str = typer.Option("cpu", "--budget-clock",
                                      help="'cpu': machine-minutes = CPU time ÷ torch threads (fair on a shared "
@@ -464,7 +477,9 @@ def improve(
     eval_n: int | None = typer.Option(None, "--eval-n",
                                       help="Held-out slice: the first N rows of gsm8k/test_dev300.jsonl (default "
                                            "150) or of scifact/claims_train.csv (default 100)."),
-    index: str = typer.Option("scifact", "--index", help="scifact-react: index of the SciFact corpus (name or path)."),
+    index: str | None = typer.Option(None, "--index",
+                                     help="scifact-react: index of the SciFact corpus (default scifact); custom: the "
+                                          "index the agent searches (name or path)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="The shared data folder (default ../shared/data)."),
     no_ppo: bool = typer.Option(False, "--no-ppo", help="Skip the PPO stage (SFT only)."),
     no_rm: bool = typer.Option(False, "--no-rm", help="Skip the reward model (PPO then uses the programmatic check)."),
@@ -475,17 +490,37 @@ def improve(
                                                   "(e.g. a run's checkpoint); writes OUT/eval-TAG.json."),
 ) -> None:
     """The whole loop: baseline eval → collect → filter/critique → SFT → reward model → PPO → eval again.
-    With --task scifact-react: baseline ReAct eval → teacher traces → SFT → eval again.
+    With --task scifact-react: baseline ReAct eval → teacher traces → SFT → eval again. With --task custom:
+    your questions, split into train and held-out (recorded in OUT/split.json) → baseline eval → the agent's
+    own correct traces on the train part → SFT → eval again (gold answers required).
 
     Examples:
       ragloop improve --task gsm8k-pal --budget-minutes 60 --out runs/improve-1
       ragloop improve --task scifact-react --index scifact --budget-minutes 35 --out runs/improve-sf
+      ragloop improve --task custom --questions qa.jsonl --index mydocs --agent react --metric f1 --out runs/mine
     """
     from ragloop.alignment.improve import ImproveConfig, evaluate_slice, run_improve
 
     _out_dir(out)
+    if task == "custom":
+        from ragloop.alignment.custom_task import CustomTaskConfig, run_custom_task
+
+        if questions is None:
+            raise UsageError("--task custom needs --questions FILE",
+                             hint='a JSONL file with one {"question": ..., "answer": ...} per line')
+        if evaluate_only is not None:
+            raise UsageError("--evaluate-only is for --task gsm8k-pal")
+        ccfg = CustomTaskConfig(out_dir=str(out), questions=str(_existing(questions, "questions file")), agent=agent,
+                                metric=metric, index=index, train_split=train_split, policy=policy, seed=seed,
+                                budget_minutes=budget_minutes, budget_clock=budget_clock,
+                                sft_method="lora" if lora else "full", samples=samples)
+        summary = run_custom_task(ccfg, progress=lambda msg: typer.echo(msg, err=True))
+        typer.echo(summary["table"])
+        typer.echo(f"held-out rows {summary['split']['held_out_rows']} (seed {seed}); final policy: "
+                   f"{summary['policy'] or 'unchanged (no SFT)'}  (summary: {out / 'summary.json'})")
+        return
     cfg = ImproveConfig(out_dir=str(out), task=task, budget_minutes=budget_minutes, budget_clock=budget_clock,
-                        policy=policy, eval_n=eval_n if eval_n is not None else (100 if task == "scifact-react" else 150), index=index,
+                        policy=policy, eval_n=eval_n if eval_n is not None else (100 if task == "scifact-react" else 150), index=index or "scifact",
                         data_dir=str(data_dir) if data_dir else None, ppo=not no_ppo, rm=not no_rm,
                         sft_method="lora" if lora else "full", seed=seed)
     if evaluate_only is not None:
