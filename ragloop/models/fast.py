@@ -103,9 +103,10 @@ class _Bf16FallbackLinear:
     """bf16 weights where oneDNN has no bf16 path (AVX2, ARM, plain x86-64): correct on every CPU.
 
     Two kernels, chosen per call by the number of rows, because neither wins everywhere (measured on the
-    real model's matmuls with AVX2 kernels, ``bench_decode.py --levers``; RESULTS.md "Decoding on every CPU"):
-    torch's own bf16 GEMV (``F.linear`` on bf16) streams half the bytes of fp32 and is the fastest kernel
-    for 1-2 rows, but its bf16 GEMM falls to a slow path from ~4 rows (3× fp32 at 16 rows); above
+    real model's matmul shapes with AVX2 kernels, ``bench_cpu.py --mode kernels``; RESULTS.md, "Decoding on
+    every CPU"): torch's own bf16 GEMV (``F.linear`` on bf16) streams half the bytes of fp32 and is the
+    fastest kernel for 1-2 rows (2.3× fp32 prepacked at one row), but its bf16 GEMM falls to a slow path
+    from ~4 rows (2-3× slower than fp32 at 16 rows); above
     ``gemv_rows`` the bf16 weights are widened to fp32 per call and multiplied by MKL's sgemm, which costs
     about what fp32 prepacked weights cost and keeps the memory at bf16's half. Outputs: bf16 on the GEMV
     path (promoted to fp32 in the residual add, as ``_PackedLinear``'s), fp32 above.
