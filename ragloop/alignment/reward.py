@@ -234,11 +234,13 @@ class RewardModel(nn.Module):
 
 
 def load_reward_model(path: str | Path) -> RewardModel:
-    """Load a reward model written by ``RewardModel.save`` (``train reward --out DIR``)."""
+    """Load a reward model written by ``RewardModel.save``: ``DIR/model`` of ``train reward --out DIR``, or DIR."""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
     p = Path(path)
+    if not (p / RM_META).is_file() and (p / "model" / RM_META).is_file():
+        p = p / "model"  # the training run's --out: its model/
     meta_file = p / RM_META
     if not meta_file.is_file():
         raise ModelNotFoundError(f"{p} is not a reward model directory (no {RM_META})",

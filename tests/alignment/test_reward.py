@@ -145,6 +145,9 @@ def test_train_frozen_save_load_rerank(tmp_path, caplog):
     rm = load_reward_model(res.model_dir)
     assert rm.score("Human: hi\n\nAssistant:", GOOD[0]) == pytest.approx(
         rm.score("Human: hi\n\nAssistant:", GOOD[0]))
+    assert res.model_dir == tmp_path / "rm" / "model"  # and the run directory names it too (README: --reward ckpt/rm)
+    assert load_reward_model(tmp_path / "rm").score("Human: hi\n\nAssistant:", GOOD[0]) == pytest.approx(
+        rm.score("Human: hi\n\nAssistant:", GOOD[0]))
     ranked = rm.rerank("Human: request 0\n\nAssistant:", [BAD[1], GOOD[0]])
     assert ranked[0][0] == GOOD[0]
     assert (tmp_path / "rm" / "curves.png").is_file() and (tmp_path / "rm" / "result.json").is_file()
