@@ -54,6 +54,9 @@ MIN_SHARED_PREFIX = 32
 # are free slots) are waiting, or JOIN_WAIT steps after the first one arrived (bounded extra latency).
 JOIN_MIN = 4
 JOIN_WAIT = 8
+# KV cache the rows of one batch may hold (prompt + new tokens of every row; a shared prefix counted once).
+# Long ReAct prompts (4-5k tokens at ~46 KB a token for the embedded model) would otherwise put GBs in flight.
+KV_BUDGET_MB = float(os.environ.get("RAGLOOP_KV_BUDGET_MB", "3072"))
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -359,6 +362,7 @@ class DecodeEngine:
                 return
         else:
             self._maybe_join()
+            self._maybe_compact()
         self._select_and_accept()
         live = [r.finish is None for r in self._rows]
         if not any(live):
@@ -375,15 +379,29 @@ class DecodeEngine:
                 row.ticket._row_finished()
         self._waiting = deque(r for r in self._waiting if not r.ticket.cancelled)
 
+    def _kv_tokens(self, row: _Row) -> int:
+        """Cache slots ``row`` may need: its prompt past the shared prefix, and its new tokens."""
+        return len(row.prompt) - len(self._prefix) + row.cfg.max_new_tokens
+
     def _take_waiting(self, capacity: int, max_len_limit: int | None) -> list[_Row]:
-        """Rows to start next: in submission order, within the row capacity and the prefill token budget."""
+        """Rows to start next: in submission order, within the row capacity, the prefill token budget and
+        the KV-cache budget (rows already running count against it)."""
         taken: list[_Row] = []
         longest = 0
+        per_token = int(getattr(self._stepper, "kv_bytes_per_token", lambda: 0)())
+        kv_left = int(KV_BUDGET_MB * (1 << 20)) // per_token if per_token else None
+        if kv_left is not None:
+            kv_left -= sum(self._kv_tokens(r) for r in self._rows if r.finish is None)
         while self._waiting and len(taken) < capacity:
             row = self._waiting[0]
             need = len(row.prompt) + row.cfg.max_new_tokens
             if max_len_limit is not None and need > max_len_limit:
                 break
+            if kv_left is not None and (taken or any(r.finish is None for r in self._rows)):
+                if self._kv_tokens(row) > kv_left:
+                    break
+            if kv_left is not None:
+                kv_left -= self._kv_tokens(row)
             longest2 = max(longest, len(row.prompt))
             # candidates of one prompt are prefilled once (FastStepper shares their prompt cache)
             distinct = len({(id(r.ticket), r.index // r.cfg.n) for r in [*taken, row]})
@@ -453,6 +471,19 @@ class DecodeEngine:
         self._rows = [self._rows[i] for i in keep] + new
         self._init_seen(new)
         self.joins += 1
+
+    def _maybe_compact(self) -> None:
+        """Drop finished rows from the batch once they are as many as the live ones (and at least 4): they
+        still cost a forward row and cache slots every step."""
+        live = [i for i, r in enumerate(self._rows) if r.finish is None]
+        done = len(self._rows) - len(live)
+        if not live or done < max(4, len(live)) or not hasattr(self._stepper, "regroup"):
+            return
+        if not self._stepper.can_regroup():
+            return
+        self._stepper.regroup(torch.tensor(live, dtype=torch.long))
+        self._logits = self._logits[live]
+        self._rows = [self._rows[i] for i in live]
 
     def _leading(self, ok: Callable[[_Row], bool]) -> Iterator[_Row]:
         """The waiting rows from the head while ``ok`` holds."""

@@ -683,53 +683,77 @@ class FastStepper:
         return self._pos is not None and self._n == 1
 
     @torch.inference_mode()
-    def regroup(self, keep: torch.LongTensor, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.Tensor:
+    def regroup(self, keep: torch.LongTensor, input_ids: torch.LongTensor | None = None,
+                attention_mask: torch.LongTensor | None = None) -> torch.Tensor:
         """Keep rows ``keep`` (in that order) of the running batch and append new LEFT-padded prompts (N, T).
 
-        Returns the new rows' logits (N, V); the kept rows continue where they were. Caches stay right-
-        aligned: every row's newest slot is the last filled one, and the slots before a row's start are masked
-        by ``-inf`` in the additive bias, so rows of different lengths share one cache of ``max(len, T)``
-        slots. RoPE was applied when a key was written, so moving a key to another slot does not change it.
-        One copy of the kept cache per call: the engine calls this when rows join, not every token.
+        Returns the new rows' logits (N, V) (``(0, V)`` without new rows: a compaction); the kept rows continue
+        where they were. Caches stay right-aligned: every row's newest slot is the last filled one, and the
+        slots before a row's start are masked by ``-inf`` in the additive bias, so rows of different lengths
+        share one cache. The merged cache holds only the slots some row still uses (``max(span, T)``, span =
+        the longest kept row), so it shrinks when long rows leave. RoPE was applied when a key was written,
+        so moving a key to another slot does not change it. One copy of the kept cache per call: the engine
+        calls this when rows join or many finished, not every token.
         """
         if not self.can_regroup():
             raise UsageError("regroup needs a running batch without a shared prompt cache")
-        N, T = input_ids.shape
         K = int(keep.numel())
+        V = self.embed.shape[0]
+        if input_ids is None:
+            input_ids = torch.zeros(0, 1, dtype=torch.long)
+            attention_mask = torch.ones(0, 1, dtype=torch.long)
+        N, T = input_ids.shape
         if K + N > self.max_batch:
             raise UsageError(f"batch {K + N} exceeds max_batch={self.max_batch}", hint="split the batch")
+        if K + N == 0:
+            raise UsageError("regroup needs at least one row to keep or add")
         am = attention_mask.to(torch.bool)
-        if not bool(am[:, -1].all()):
+        if N and not bool(am[:, -1].all()):
             raise UsageError("prompts must be LEFT-padded: the last position of every row must be a token")
         old = self._len
-        L = max(old, T)
-        if len(self._prefix) + L + 1 > self.max_seq_len:
-            raise ContextWindowError(f"the prompt has {T} tokens, more than max_seq_len={self.max_seq_len}")
-        # the new rows on their own: a prefill into their own (N, KV, T, hd) cache (after the shared prefix in
-        # prefix mode: then input_ids are the prompts' suffixes)
+        span = 0  # slots the kept rows use: from the earliest kept row's first real slot to the end
+        if K:
+            used = self._bias.index_select(0, keep)[:, :old] == 0  # (K, old)
+            first = torch.where(used.any(1), used.float().argmax(1), torch.full((K,), old))  # (K,)
+            span = old - int(first.min())
+        L = max(span, T if N else 0, 1)
         P = len(self._prefix)
-        pos = P + (am.long().cumsum(-1) - 1).clamp_min(0)  # (N, T)
-        bias_new = torch.zeros(N, T).masked_fill_(~am, float("-inf"))  # (N, T)
-        kn, vn = self._zeros(N, T), self._zeros(N, T)
-        make_attend = self._prefix_prefill_attend if P else self._prefill_attend
-        logits = self._forward(input_ids, pos, make_attend(kn, vn, prefill_bias(am)))  # (N, V)
-        # merged cache: kept rows' slots [0, old) → [L - old, L); new rows' [0, T) → [L - T, L)
-        cap = min(self.max_seq_len - len(self._prefix), L + self.reserve)
+        if P + L + 1 > self.max_seq_len:
+            raise ContextWindowError(f"the prompt has {T} tokens, more than max_seq_len={self.max_seq_len}")
+        logits = torch.zeros(0, V)
+        if N:
+            # the new rows on their own: a prefill into their own (N, KV, T, hd) cache (after the shared prefix
+            # in prefix mode: then input_ids are the prompts' suffixes)
+            pos = P + (am.long().cumsum(-1) - 1).clamp_min(0)  # (N, T)
+            bias_new = torch.zeros(N, T).masked_fill_(~am, float("-inf"))  # (N, T)
+            kn, vn = self._zeros(N, T), self._zeros(N, T)
+            make_attend = self._prefix_prefill_attend if P else self._prefill_attend
+            logits = self._forward(input_ids, pos, make_attend(kn, vn, prefill_bias(am)))  # (N, V)
+        # merged cache: kept rows' slots [old - span, old) → [L - span, L); new rows' [0, T) → [L - T, L)
+        cap = min(self.max_seq_len - P, L + self.reserve)
         B = K + N
         k_all, v_all = self._zeros(B, cap), self._zeros(B, cap)
-        for dst, src_old, src_new in zip(k_all + v_all, self._k + self._v, kn + vn, strict=True):
-            if K:
-                dst[:K, :, L - old : L] = src_old.index_select(0, keep)[:, :, :old]
-            dst[K:, :, L - T : L] = src_new
+        for j, (dst, src_old) in enumerate(zip(k_all + v_all, self._k + self._v, strict=True)):
+            if K and span:
+                dst[:K, :, L - span : L] = src_old.index_select(0, keep)[:, :, old - span : old]
+            if N:
+                dst[K:, :, L - T : L] = (kn + vn)[j]
         bias = torch.zeros(B, cap)
         bias[:, :L] = float("-inf")
-        if K:
-            bias[:K, L - old : L] = self._bias.index_select(0, keep)[:, :old]
-        bias[K:, L - T : L] = bias_new
+        if K and span:
+            bias[:K, L - span : L] = self._bias.index_select(0, keep)[:, old - span : old]
+        if N:
+            bias[K:, L - T : L] = bias_new
         self._k, self._v, self._bias = k_all, v_all, bias
-        self._pos = torch.cat([self._pos.index_select(0, keep), pos[:, -1] + 1])  # (B,)
+        new_pos = [self._pos.index_select(0, keep)] + ([pos[:, -1] + 1] if N else [])
+        self._pos = torch.cat(new_pos)  # (B,)
         self._len, self._batch = L, B
         return logits
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of one row holds (all layers, keys and values, fp32)."""
+        s = self.shape
+        return s.num_layers * 2 * s.num_kv_heads * s.head_dim * 4
 
 
 def make_stepper(

@@ -235,3 +235,59 @@ def test_repetition_penalty_counts_the_shared_prefix(tiny_model, smol_tokenizer)
     prompts = [SHARED + s for s in SUFFIXES[:3]]
     alone = [pol.generate(p, cfg)[0].token_ids for p in prompts]
     assert [g[0].token_ids for g in pol.generate_batch(prompts, cfg)] == alone
+
+
+# ---------------------------------------------------------------------------------------- memory bounds
+def test_cache_shrinks_when_long_rows_leave(tiny_model, smol_tokenizer):
+    """A long prompt's slots are released once it finishes: joins copy only the span live rows still use."""
+    from ragloop.models.local import LocalPolicy
+
+    pol = LocalPolicy.from_model(tiny_model, smol_tokenizer, name="tiny", backend="fast")
+    eng = pol._engine_for_decoding()
+    long_prompt = "word " * 300
+    short = [f"Count {i}:" for i in range(6)]
+    want = [pol.generate(p, greedy(20))[0].token_ids for p in short]
+    a = pol.submit([long_prompt], greedy(2))
+    b = pol.submit(short[:2], greedy(20))
+    eng.advance(b)
+    assert eng._stepper._len >= 300
+    c = pol.submit(short[2:], greedy(20))  # joins after the long row has finished
+    got = b.results() + c.results()
+    assert a.done and [g[0].token_ids for g in got] == want
+    assert eng.joins >= 1 and eng._stepper is None  # the batch ended and freed its cache
+
+
+def test_regroup_compacts_the_cache(tiny_model, smol_tokenizer):
+    from ragloop.models.decoding import left_pad
+    from ragloop.models.fast import make_stepper
+
+    prompts = [smol_tokenizer.encode("word " * 200, add_special_tokens=False),
+               smol_tokenizer.encode("Hello there", add_special_tokens=False)]
+    st, ref = make_stepper(tiny_model), make_stepper(tiny_model)
+    ids, mask = left_pad(prompts, 0)
+    st.prefill(ids, mask)
+    ref_logits = ref.prefill(*left_pad(prompts[1:], 0))
+    st.regroup(torch.tensor([1]))  # drop the long row: only the short row's slots remain
+    assert st._len < 20 and st._k[0].shape[0] == 1
+    nxt = ref_logits.argmax(-1)
+    assert torch.allclose(st.step(nxt), ref.step(nxt), atol=1e-4)
+
+
+def test_kv_budget_bounds_the_rows_in_flight(tiny_model, smol_tokenizer, monkeypatch):
+    from ragloop.models import engine as engine_mod
+    from ragloop.models.local import LocalPolicy
+
+    pol = LocalPolicy.from_model(tiny_model, smol_tokenizer, name="tiny", backend="fast")
+    prompts = [f"Row {i}: " + "word " * 100 for i in range(8)]
+    want = [pol.generate(p, greedy(10))[0].token_ids for p in prompts]
+    per_token = pol.stepper().kv_bytes_per_token()
+    monkeypatch.setattr(engine_mod, "KV_BUDGET_MB", 0.25)
+    limit = (1 << 18) // per_token // (len(pol.encode(prompts[0])) + 10)
+    eng = pol._engine_for_decoding()
+    ticket = pol.submit(prompts, greedy(10))
+    most = 0
+    while not ticket.done:
+        eng.advance(ticket)
+        most = max(most, sum(r.finish is None for r in eng._rows))
+    assert 1 <= most <= max(1, limit) < len(prompts)
+    assert [g[0].token_ids for g in ticket.results()] == want
