@@ -20,7 +20,9 @@ never copied. Usage (the figures in RESULTS.md)::
 λ = 0.005 was set from the gradient scale before the comparison ran: on this data the NLL gradient norm
 is ~6-13 and the penalty's own gradient ``2λ·H∇L`` had norm ~84 at λ = 0.05 (so it swamped the NLL's);
 0.005 makes the two comparable. Every step is clipped to norm 1 in both runs (the default
-``max_grad_norm``), so both take equally long steps and differ only in direction.
+``max_grad_norm``), so both take equally long steps and differ only in direction. The penalised run of the
+135M model peaks at ~6.5 GB resident (the double backward keeps the first backward's graph); one at batch 2
+was OOM-killed on the shared 23 GB machine, hence ``--batch-size 1`` in the second recorded run.
 """
 
 from __future__ import annotations
