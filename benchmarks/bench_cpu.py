@@ -167,7 +167,11 @@ print(json.dumps({{"threads": n, "torch_threads": torch.get_num_threads(), "tok_
 def decode_child(threads: int | None, args: argparse.Namespace) -> dict:
     code = _CHILD.format(root=str(ROOT), threads=threads, precision=args.precision, tokens=args.tokens, reps=args.reps)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAGLOOP_THREADS", "MKL_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                             timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:  # itself a result: this setting did not finish its decodes in time
+        return {"threads": threads, "tok_s": None, "timed_out_s": args.child_timeout}
     if out.returncode != 0:
         raise SystemExit(f"decode child failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -194,14 +198,14 @@ def threads_under_load(args: argparse.Namespace) -> dict:
         for h in hogs:
             h.kill()
             h.wait()
-    best = {k: max(r["tok_s"] for r in v) for k, v in runs.items() if v}
+    best = {k: max((r["tok_s"] for r in v if r["tok_s"] is not None), default=None) for k, v in runs.items() if v}
     return {
         "bench": "threads_under_load", **cpu_fields(), "precision": args.precision, "tokens": args.tokens,
         "hogs": args.hogs, "cores": os.cpu_count(), "default_threads_chosen": [r["threads"] for r in runs["default"]],
         "default_tok_s": best["default"], "one_thread_tok_s": best["one"],
-        "default_vs_one_ratio": round(best["default"] / best["one"], 2),
-        "all_cores_tok_s": best.get("all_cores"),
-        "all_cores_vs_one_ratio": round(best["all_cores"] / best["one"], 2) if "all_cores" in best else None,
+        "default_vs_one_ratio": round(best["default"] / best["one"], 2) if best["default"] and best["one"] else None,
+        "all_cores_tok_s": best.get("all_cores"),  # None: every such child timed out (see all_runs)
+        "all_cores_vs_one_ratio": round(best["all_cores"] / best["one"], 2) if best.get("all_cores") else None,
         "all_runs": runs, "loadavg_1m": [load_before, load_after],
     }
 
@@ -219,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2, help="threads: child processes per setting (interleaved)")
     ap.add_argument("--hogs", type=int, default=1, help="threads: busy-loop processes running meanwhile")
     ap.add_argument("--hog-seconds", type=float, default=300, help="threads: the hogs stop after this at the latest")
+    ap.add_argument("--child-timeout", type=float, default=600,
+                    help="threads: seconds a decode child may take (model load included); slower counts as timed out")
     args = ap.parse_args(argv)
     result = {"kernels": kernels, "sft": sft_steps, "threads": threads_under_load}[args.mode](args)
     print(json.dumps(result))
