@@ -24,7 +24,8 @@ Written to be read top to bottom, cleanrl-style; the math lives in ``rl.py``. On
   (Shao et al. 2024 eq. 4; Schulman 2020), the reference being the starting model (LoRA: adapters disabled).
   Token-level mean over the minibatch (Yu et al. 2025, "DAPO", §3.3).
 - Health alarms stop the run with a message naming the cause: every group zero-variance for ``patience``
-  iterations, every completion cut at the token limit, KL blow-up, length collapse. The fraction of
+  iterations, every completion cut at the token limit, KL blow-up, length collapse, and (with gold answers on
+  the validation slice) the validation reward above the start's while its accuracy is below it. The fraction of
   zero-variance groups is logged every iteration (``grpo/zero_std_frac``).
 - Keep-best: every ``eval_every`` iterations (and at the start and the end) the policy runs the validation
   items greedily on the runtime; the best-scoring weights are kept (``<out>/best/checkpoints``) and are the
@@ -275,6 +276,20 @@ class GRPOHealth:
                     "kl_coef or lower lr, and check that the reward does not favour short outputs")
         return None
 
+    def observe_validation(self, records: Sequence[dict[str, Any]]) -> str | None:
+        """Reward hacking: over the last ``patience`` validations the score stayed above the start's while the
+        accuracy stayed below it (records: ``{"iteration", "score", "accuracy"}``, the first is the start)."""
+        if len(records) <= self.patience or records[0].get("accuracy") is None:
+            return None
+        start, recent = records[0], records[-self.patience:]
+        if all(r["score"] > start["score"] and r["accuracy"] is not None and r["accuracy"] < start["accuracy"]
+               for r in recent):
+            last = recent[-1]
+            return (f"reward rising while accuracy falls: validation reward {start['score']:.3g} → {last['score']:.3g}, "
+                    f"accuracy {start['accuracy']:.3g} → {last['accuracy']:.3g} — the reward pays for something other "
+                    "than correct answers; lower w_format / the reward model's weight")
+        return None
+
 
 # ---------------------------------------------------------------------------------------------- loop
 
@@ -495,6 +510,11 @@ def run_grpo(
         over = cfg.budget_seconds is not None and clock() - t_start > cfg.budget_seconds
         if it % cfg.eval_every == 0 or it == cfg.iterations or over:
             validate(it)
+        hacked = health.observe_validation(validation)
+        if hacked is not None:
+            log.warning("GRPO stopped at iteration %d: %s", it, hacked)
+            stopped, alarm = "alarm", hacked
+            break
         if over and it < cfg.iterations:
             stopped = "budget"
             break

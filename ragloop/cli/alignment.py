@@ -287,7 +287,8 @@ def train_grpo(
 
     Observation tokens (tool output) are context only; rollouts from another precision are corrected by
     truncated importance sampling; a run that cannot learn (flat rewards, every completion cut, KL blow-up,
-    length collapse) stops with the cause. Exits with code 6 after an alarm (the best policy is still written).
+    length collapse, validation reward up while accuracy falls) stops with the cause. Exits with code 6 after
+    an alarm (the best policy is still written).
 
     Examples:
       ragloop train grpo --policy ckpt/sft/policy --prompts gsm8k_qa.jsonl --out ckpt/grpo --iterations 5

@@ -108,6 +108,15 @@ def test_health_alarms_on_synthetic_inputs():
     a = h()  # conditions must hold on consecutive iterations
     for z in (1.0, 0.5, 1.0, 0.5):
         assert a.observe(**{**ok, "zero_std_frac": z}) is None
+    # reward hacking on the validation slice: score up, accuracy down, for `patience` validations
+    recs = [{"iteration": 0, "score": 0.5, "accuracy": 0.4}, {"iteration": 5, "score": 0.7, "accuracy": 0.3}]
+    assert h().observe_validation(recs) is None  # one validation is not yet a trend
+    recs.append({"iteration": 10, "score": 0.8, "accuracy": 0.2})
+    msg = h().observe_validation(recs)
+    assert msg is not None and "reward rising while accuracy falls" in msg and "0.4 → 0.2" in msg
+    recs[-1]["accuracy"] = 0.5  # accuracy recovered: no alarm
+    assert h().observe_validation(recs) is None
+    assert h().observe_validation([{**r, "accuracy": None} for r in recs]) is None  # no gold answers
 
 
 def test_config_and_reward_errors():
