@@ -8,7 +8,8 @@ The recipe is the improve loop's (``ragloop.alignment.improve``), on any JSONL o
 2. baseline: greedy runs of the agent (``react`` | ``pal`` | ``cot``) on the held-out questions, scored by the
    chosen metric (``em``, ``f1`` ≥ ``f1_threshold``, ``numeric`` match, or ``label`` equality);
 3. collect: ``samples`` sampled runs per training question on the batched runtime (``run_agent_batched``),
-   scored against the gold answers; the correct, well-formed traces with no injection flag are kept — the
+   on as many training questions as ``collect_share`` of the budget buys (estimated from the baseline's cost,
+   and said when it is fewer than all), scored against the gold answers; the correct, well-formed traces with no injection flag are kept — the
    agent's own successes, i.e. rejection-sampling fine-tuning / STaR (Zelikman et al. 2022, "STaR:
    Bootstrapping Reasoning With Reasoning");
 4. SFT on those traces (loss on the model's own tokens only), within what the budget leaves after reserving
@@ -70,6 +71,7 @@ class CustomTaskConfig:
     sft_batch: int = 8
     sft_max_length: int = 512  # longer rows lose context exemplars (masking.tokenize_rows), never the answer
     eval_batch: int = 16  # episodes decoded together
+    collect_share: float = 0.4  # of the budget left after the evaluations, at most, for sampling traces
 
     def __post_init__(self) -> None:
         if self.agent not in AGENTS:
@@ -83,6 +85,8 @@ class CustomTaskConfig:
             raise UsageError(f"--budget-minutes must be > 0, got {self.budget_minutes}")
         if self.budget_clock not in CLOCKS:
             raise UsageError(f"--budget-clock must be one of {', '.join(CLOCKS)}, got {self.budget_clock!r}")
+        if not 0.0 < self.collect_share < 1.0:
+            raise ConfigError(f"collect_share must be in (0, 1), got {self.collect_share}")
         if self.samples < 1:
             raise UsageError(f"--samples must be >= 1, got {self.samples}")
         if self.sft_method not in ("lora", "full"):
@@ -267,7 +271,16 @@ def run_custom_task(cfg: CustomTaskConfig, *, policy: Any = None, retriever: Any
 
     stages: dict[str, Any] = {}
     before, _ = evaluate("before")
-    # collect: the agent's own sampled runs on the training questions, scored
+    # collect: the agent's own sampled runs on the training questions, scored. It gets at most
+    # ``collect_share`` of what the budget leaves after both evaluations, estimated from the baseline's cost per
+    # episode (sampled episodes batch as well or better, so the estimate errs on the safe side); the rest trains
+    reserve = before["budget_seconds"] * 1.2 + 5.0  # the final evaluation: at most the baseline's, plus slack
+    per_episode = before["budget_seconds"] / max(1, len(held_out))
+    affordable = int(cfg.collect_share * (budget - (now() - t_start) - reserve) / max(1e-6, per_episode * cfg.samples))
+    if affordable < len(train):
+        say(f"collect: the budget buys about {max(affordable, 0)} of {len(train)} training questions × {cfg.samples} "
+            f"samples ({per_episode:.1f} s per episode); raise --budget-minutes to use them all")
+        train = train[: max(1, affordable)]
     t0 = now()
     dec = GenerationConfig(max_new_tokens=cfg.max_new_tokens or (128 if cfg.agent == "react" else 256), temperature=cfg.temperature, top_p=0.95,
                            seed=cfg.seed)
@@ -278,14 +291,13 @@ def run_custom_task(cfg: CustomTaskConfig, *, policy: Any = None, retriever: Any
     filt = DropReport()
     kept = filter_traces(collected, report=filt)
     sft_rows, conv = traces_to_sft_rows(kept)
-    stages["collect"] = {"traces": len(collected), "correct": sum(1 for t in collected if t.feedback.correct),
+    stages["collect"] = {"questions": len(train), "traces": len(collected), "correct": sum(1 for t in collected if t.feedback.correct),
                          "questions_solved": sum(1 for ts in groups if any(t.feedback.correct for t in ts)),
                          "filter": filt.to_dict(), "rows": len(sft_rows), "seconds": round(now() - t0, 1)}
     say(f"collect: {len(collected)} traces on {len(train)} questions, {stages['collect']['correct']} correct; "
         f"{len(sft_rows)} SFT rows ({filt.summary()})")
 
     policy_dir: str | None = None
-    reserve = before["budget_seconds"] * 1.2 + 5.0  # the final evaluation: at most the baseline's, plus slack
     sft_budget = budget - (now() - t_start) - reserve
     if not sft_rows:
         stages["sft"] = {"skipped": "no correct trace to learn from"}

@@ -123,3 +123,14 @@ def test_cli_custom_task(tmp_path, capsys, smol_tokenizer, tiny_model_factory):
     assert "accuracy (numeric)" in cap.out and "held-out rows [" in cap.out and "SFT skipped" in cap.err
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["split"]["n_train"] == 2 and s["split"]["n_held_out"] == 1 and s["task"] == "custom"
+
+
+def test_custom_loop_budget_bounds_collection_and_says_so(tmp_path, tiny_local):
+    cfg = CustomTaskConfig(out_dir=str(tmp_path / "run"), questions=str(_questions(tmp_path)), agent="pal",
+                           metric="numeric", train_split=0.5, samples=2, shots=0, budget_minutes=0.02,
+                           budget_clock="wall")
+    msgs: list[str] = []
+    s = run_custom_task(cfg, policy=ScriptedOnTiny(tiny_local), progress=msgs.append)
+    assert any(m.startswith("collect: the budget buys about 0 of 3 training questions") for m in msgs)
+    assert s["stages"]["collect"]["questions"] == 1 and s["stages"]["sft"]["skipped"].startswith("budget")
+    assert any("raise --budget-minutes" in m for m in msgs if m.startswith("SFT skipped"))
