@@ -101,7 +101,7 @@ class CustomTaskConfig:
 
 @dataclass
 class QARow:
-    row: int  # 1-based position among the file's JSON rows (blank lines not counted): what the split records
+    row: int  # 1-based position among the file's JSON objects (blank and unparsable lines not counted)
     question: str
     answer: str | list[str]
 
