@@ -45,11 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from ragloop.alignment.budget import make_clock
-from ragloop.alignment.collect import _Delegate
 from ragloop.alignment.data import DropReport, traces_to_sft_rows
 from ragloop.core.errors import ConfigError, DataError, UsageError
 from ragloop.core.trace import Feedback, Step, Trace, write_traces
-from ragloop.models.types import Generation, GenerationConfig, Prompt
+from ragloop.models.types import Generation
 
 log = logging.getLogger(__name__)
 
@@ -221,22 +220,6 @@ def teacher_steps(claim: str, label: str, *, fits: Callable[[str], bool]) -> tup
     return None
 
 
-class _TeacherPolicy(_Delegate):
-    """Plays the teacher's step texts, one per ``generate`` call, through the agent's own loop."""
-
-    def __init__(self, policy: Any, texts: Sequence[str]) -> None:
-        super().__init__(policy)
-        self.texts = list(texts)
-        self.prompts: list[Prompt] = []
-
-    def generate(self, prompt: Prompt, cfg: GenerationConfig | None = None) -> list[Generation]:
-        if not self.texts:
-            raise UsageError("the agent asked the teacher for more steps than it wrote")
-        self.prompts.append(prompt)
-        text = self.texts.pop(0)
-        return [Generation(text=text, token_ids=list(self._policy.tokenize(text)), finish_reason="stop")]
-
-
 class _ShownDocs:
     """A search backend that records which document each search showed first (delegates to the real one)."""
 
@@ -258,6 +241,7 @@ def build_teacher_traces(policy: Any, retriever: Any, claims: Sequence[TeacherCl
     """Teacher traces through the real agent and retriever (see the module docstring)."""
     from ragloop.agents.docsearch import RetrieverBackend
     from ragloop.agents.factory import build_agent
+    from ragloop.agents.runtime import replay
 
     spec = cfg.agent_spec()
     out: list[Trace] = []
@@ -268,8 +252,13 @@ def build_teacher_traces(policy: Any, retriever: Any, claims: Sequence[TeacherCl
             report.drop("step_too_long")
             continue
         shown = _ShownDocs(RetrieverBackend(retriever))
-        teacher = _TeacherPolicy(policy, steps)
-        t = build_agent(teacher, spec, search_backend=shown).run(c.claim, task="claims")
+        # the teacher's step texts play the model's calls through the agent's own loop (runtime.replay)
+        answers = [[Generation(text=s, token_ids=policy.tokenize(s), finish_reason="stop")] for s in steps]
+        try:
+            t = replay(build_agent(policy, spec, search_backend=shown), c.claim, answers, task="claims")
+        except UsageError:  # the agent asked for a third step: it did not accept the teacher's two
+            report.drop("agent_rejected_teacher")
+            continue
         top = shown.top_docs[0] if shown.top_docs else ""
         if not (t.finished and len(t.steps) == 2 and all(step_action_valid(s) for s in t.steps)):
             report.drop("agent_rejected_teacher")  # e.g. the search failed; never expected
