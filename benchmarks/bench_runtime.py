@@ -1,5 +1,6 @@
-"""The agent runtime's figures (issue 10): constrained-decoding overhead per token (this part), and — to be
-added by the runtime's author — batched eval throughput against the one-at-a-time runner.
+"""The agent runtime's figures (issue 10): constrained-decoding overhead per token, and (``--throughput
+AGENT``) batched evaluation throughput against the one-at-a-time runner (``runtime_throughput.py``, whose
+options it takes: ``--n``, ``--baseline-n``, ``--batch-size``, ``--task``).
 
 Constrained-decoding overhead: the embedded model (fp32 unless ``--precision``) decodes the same prompt
 greedily for up to ``--tokens`` tokens at batch 1 and 16, once free and once under an agent grammar (the
@@ -99,6 +100,12 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,16", help="comma-separated")
     ap.add_argument("--reps", type=int, default=2, help="best of this many runs per setting")
     ap.add_argument("--precision", default="fp32", help="decode weights of the embedded model")
+    ap.add_argument("--throughput", default="", help="also measure eval throughput for these agents "
+                    "(comma-separated: pal,cot,react), batched vs one at a time")
+    ap.add_argument("--skip-overhead", action="store_true", help="only the throughput part")
+    import runtime_throughput  # benchmarks/ is on sys.path when this file runs as a script
+
+    runtime_throughput.add_args(ap, shared=False)
     args = ap.parse_args()
     from ragloop.models.loading import load_policy
 
@@ -106,9 +113,13 @@ def main() -> None:
     policy = load_policy(precision=args.precision)
     res = {"bench": "runtime", "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
-           "precision": args.precision,
-           "constrained_overhead": constrained_overhead(policy, [int(b) for b in args.batch_sizes.split(",")],
-                                                        args.tokens, args.reps)}
+           "precision": args.precision}
+    if not args.skip_overhead:
+        res["constrained_overhead"] = constrained_overhead(policy, [int(b) for b in args.batch_sizes.split(",")],
+                                                           args.tokens, args.reps)
+    for agent in [a for a in args.throughput.split(",") if a]:
+        args.agent = agent
+        res[f"throughput_{agent}"] = runtime_throughput.measure(args)
     res["cpu_s"] = round(time.process_time() - cpu0, 1)
     print(json.dumps(res))
 

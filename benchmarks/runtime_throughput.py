@@ -53,22 +53,26 @@ def build_claims_index(examples, distractors: int, out: Path) -> str:
     return str(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--agent", choices=["pal", "cot", "react"], default="pal")
+def add_args(ap: argparse.ArgumentParser, *, shared: bool = True) -> None:
+    """This benchmark's options (``shared=False``: without ``--agent``/``--precision``, which a caller has)."""
+    if shared:
+        ap.add_argument("--agent", choices=["pal", "cot", "react"], default="pal")
     ap.add_argument("--task", choices=["gsm8k", "claims"], default="gsm8k")
     ap.add_argument("--n", type=int, default=64, help="questions for the runtime")
     ap.add_argument("--baseline-n", type=int, default=8, help="questions for the one-at-a-time baseline")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--precision", default="fp32", help="decode precision of both sides")
+    if shared:
+        ap.add_argument("--precision", default="fp32", help="decode precision of both sides")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: ragloop's)")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--shots", type=int, default=None)
     ap.add_argument("--index", default=None, help="claims: an existing SciFact index")
     ap.add_argument("--distractors", type=int, default=300)
     ap.add_argument("--constrained", action="store_true", help="grammar-constrained decoding on both sides")
-    args = ap.parse_args()
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """The runtime's questions/s against one question at a time; the figures as a dict."""
     import torch
 
     from ragloop.agents.factory import AgentSpec, build_agent
@@ -141,10 +145,16 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
     }
-    print(json.dumps(result))
-    sys.stdout.flush()
     if tmp is not None:
         tmp.cleanup()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_args(ap)
+    print(json.dumps(measure(ap.parse_args())))
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
