@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -171,20 +172,23 @@ class GrammarCompiler:
             return GrammarMatcher(proto.deep_copy(), spec, self.end_ids, self.executor)
 
 
+# Compilers per tokenizer, alive as long as the tokenizer is: a weak-key map rather than an attribute on the
+# tokenizer, which would make the user's tokenizer impossible to copy or pickle (the compiler holds C objects).
+_COMPILERS: weakref.WeakKeyDictionary[Any, dict[Any, GrammarCompiler]] = weakref.WeakKeyDictionary()
+_COMPILERS_LOCK = threading.Lock()
+
+
 def compiler_for(tokenizer: Any, end_ids: Sequence[int] | None = None) -> GrammarCompiler:
-    """The tokenizer's grammar compiler, built once and kept on the tokenizer object itself (its lifetime
-    is the tokenizer's; no module-level cache)."""
+    """The tokenizer's grammar compiler, built once per tokenizer (and end ids) and dropped with it."""
     key = tuple(sorted(int(t) for t in end_ids)) if end_ids is not None else None
-    cache: dict[Any, GrammarCompiler] | None = getattr(tokenizer, "_ragloop_grammar_compilers", None)
-    if cache is None:
-        cache = {}
+    with _COMPILERS_LOCK:
         try:
-            tokenizer._ragloop_grammar_compilers = cache
-        except AttributeError:  # pragma: no cover - a tokenizer that refuses attributes: no caching
-            pass
-    comp = cache.get(key)
-    if comp is None:
-        comp = cache[key] = GrammarCompiler(tokenizer, end_ids)
+            cache = _COMPILERS.setdefault(tokenizer, {})
+        except TypeError:  # pragma: no cover - a tokenizer that cannot be weakly referenced: no caching
+            cache = {}
+        comp = cache.get(key)
+        if comp is None:
+            comp = cache[key] = GrammarCompiler(tokenizer, end_ids)
     return comp
 
 
