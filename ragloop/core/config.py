@@ -8,9 +8,10 @@ model cache lives in ``$RAGLOOP_CACHE`` or ``<home>/cache``. Optional settings c
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from ragloop.core.errors import ConfigError
 

@@ -1,8 +1,8 @@
 import pytest
 
 from ragloop.core import DataError, Message, Step, ToolCall, Trace, read_traces, write_traces
-from ragloop.models.types import GenerationConfig
 from ragloop.core.errors import UsageError
+from ragloop.models.types import GenerationConfig
 
 
 def test_trace_jsonl_round_trip(tmp_path):
