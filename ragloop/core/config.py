@@ -11,7 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package (a dependency there)
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from ragloop.core.errors import ConfigError
 
