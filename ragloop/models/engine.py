@@ -385,23 +385,23 @@ class DecodeEngine:
 
     def _take_waiting(self, capacity: int, max_len_limit: int | None) -> list[_Row]:
         """Rows to start next: in submission order, within the row capacity, the prefill token budget and
-        the KV-cache budget (rows already running count against it)."""
+        the KV-cache budget. The cache is a rectangle — every row holds as many slots as the longest — so the
+        budget is checked on rows × the longest row's slots, the rows already running included."""
         taken: list[_Row] = []
         longest = 0
         per_token = int(getattr(self._stepper, "kv_bytes_per_token", lambda: 0)())
-        kv_left = int(KV_BUDGET_MB * (1 << 20)) // per_token if per_token else None
-        if kv_left is not None:
-            kv_left -= sum(self._kv_tokens(r) for r in self._rows if r.finish is None)
+        budget = int(KV_BUDGET_MB * (1 << 20)) // per_token if per_token else None
+        live = [r for r in self._rows if r.finish is None]
+        widest = max((self._kv_tokens(r) for r in live), default=0)
         while self._waiting and len(taken) < capacity:
             row = self._waiting[0]
             need = len(row.prompt) + row.cfg.max_new_tokens
             if max_len_limit is not None and need > max_len_limit:
                 break
-            if kv_left is not None and (taken or any(r.finish is None for r in self._rows)):
-                if self._kv_tokens(row) > kv_left:
-                    break
-            if kv_left is not None:
-                kv_left -= self._kv_tokens(row)
+            wider = max(widest, self._kv_tokens(row))
+            if budget is not None and (taken or live) and (len(live) + len(taken) + 1) * wider > budget:
+                break
+            widest = wider
             longest2 = max(longest, len(row.prompt))
             # candidates of one prompt are prefilled once (FastStepper shares their prompt cache)
             distinct = len({(id(r.ticket), r.index // r.cfg.n) for r in [*taken, row]})
