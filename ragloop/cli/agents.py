@@ -23,6 +23,15 @@ PRECISION_HELP = ("Decode weights of the fast path: auto (default: the fastest t
 AGENT_HELP = ("Agent: rag (retrieve, answer with citations; the default with --index), react "
               "(Thought/Action/Observation; the default without), pal (program + sandbox) or cot (chain of thought).")
 NO_LOG_HELP = "Do not append this exchange to the local log ($RAGLOOP_HOME/logs.db; see `ragloop logs`)."
+SELECT_HELP = ("How --samples N picks its answer: majority (the most common answer; ties go to the earliest run), "
+               "verifier (the run --verifier scores highest) or majority+verifier (each answer's runs weighted by "
+               "the verifier's probabilities, DIVERSE weighted voting).")
+EVAL_SAMPLES_HELP = ("Run every question N times (sampled at --temperature, seeds SEED..SEED+N-1; all questions x "
+                     "samples decoded as one batch) and keep one run per question as --select says; every run is "
+                     "saved, judged, next to --out as *.samples.jsonl (the input of `ragloop train verifier`).")
+EVAL_TEMPERATURE_HELP = "Sampling temperature of the --samples runs (default 0.7; a single run is greedy)."
+VERIFIER_HELP = ("Verifier for --select verifier|majority+verifier: a reward model directory (the --out of "
+                 "`ragloop train verifier` or `train reward`, or its model/).")
 
 
 def load_policy_spec(spec: str | None, precision: str = "auto") -> Any:
@@ -80,7 +89,10 @@ def ask_cmd(
     self_consistency: int = typer.Option(1, "--self-consistency", help="Sample N answers and take the majority."),
     samples: int = typer.Option(1, "--samples", min=1, help="Run the whole agent N times (sampled at "
                                 "--temperature, default 0.7; seeds SEED..SEED+N-1), decoded as one batch, and "
-                                "answer with the majority (every run's answer and the votes are shown)."),
+                                "answer with the majority or as --select says (every run's answer and the votes are "
+                                "shown)."),
+    select: str = typer.Option("majority", "--select", help=SELECT_HELP),
+    verifier: str | None = typer.Option(None, "--verifier", help=VERIFIER_HELP),
     tools: str = typer.Option("", "--tools", help="Extra ReAct tools, comma-separated: calculator, python."),
     temperature: float | None = typer.Option(None, "--temperature", "-t", help="Sampling temperature (default greedy)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens per generation."),
@@ -103,6 +115,7 @@ def ask_cmd(
       ragloop ask "A store sells pens at 3 for $2. How much do 18 pens cost?" --agent pal
       ragloop ask "What is 17 * 23?" --agent react --tools calculator --no-constrained
       ragloop ask "A pen costs $2. How much do 7 pens cost?" --agent pal --samples 8
+      ragloop ask "A pen costs $2. How much do 7 pens cost?" --agent pal --samples 8 --select majority+verifier --verifier ckpt/verifier
     """
     from ragloop.agents.factory import AgentSpec, build_agent
     from ragloop.agents.rag import attach_sources
@@ -139,9 +152,11 @@ def ask_cmd(
         from ragloop.retrieval import Retriever
 
         retriever = Retriever.open(index)
+    verifier_obj = load_verifier(verifier, select, samples)
     pol = load_policy_spec(policy, precision)
     if samples > 1:
-        trace = _ask_samples(pol, spec, question, samples, retriever=retriever, quiet=quiet or as_json)
+        trace = _ask_samples(pol, spec, question, samples, retriever=retriever, quiet=quiet or as_json,
+                             select=select, verifier=verifier_obj)
     else:
         printer = None if (quiet or as_json) else EventPrinter(_console())
         trace = build_agent(pol, spec, retriever=retriever, on_event=printer).run(question)
@@ -161,16 +176,39 @@ def ask_cmd(
             typer.echo(safe_text(line))
 
 
-def _ask_samples(pol: Any, spec: Any, question: str, samples: int, *, retriever: Any, quiet: bool) -> Any:
-    """``samples`` whole agent runs at a temperature, as one batch (``ragloop.agents.runtime``); the majority
-    answer wins (ties are reported, the first-seen answer of the tied ones is kept). Returns the trace of a
-    run that gave the winning answer, with every run's answer and the votes in ``meta["samples"]``."""
+def load_verifier(path: str | None, select: str, samples: int) -> Any:
+    """The ``--verifier`` of ``--select`` (None for majority), checked before any policy loads: one clear line
+    for a verifier method without ``--verifier``, a verifier without such a method, ``--select`` without
+    ``--samples``, or a path that is not a reward model."""
+    from ragloop.eval.select import RewardModelVerifier, check_method
+
+    check_method(select, path)
+    if select != "majority" and samples < 2:
+        raise UsageError(f"--select {select} chooses among sampled runs", hint="add --samples N (N >= 2, e.g. 8)")
+    if path is None:
+        return None
+    if select == "majority":
+        raise UsageError("--verifier is used only by --select verifier or --select majority+verifier",
+                         hint=f"add --select majority+verifier (or drop --verifier {path})")
+    from ragloop.alignment.data import trace_prompt_text, trace_response_text
+    from ragloop.alignment.reward import load_reward_model
+
+    # the texts outcome_pairs trains the verifier on: the agent's prompt and its whole response
+    return RewardModelVerifier(load_reward_model(path), trace_prompt_text, trace_response_text, name=str(path))
+
+
+def _ask_samples(pol: Any, spec: Any, question: str, samples: int, *, retriever: Any, quiet: bool,
+                 select: str = "majority", verifier: Any = None) -> Any:
+    """``samples`` whole agent runs at a temperature, as one batch (``ragloop.agents.runtime``); the answer is
+    chosen by ``ragloop.eval.select`` (majority: ties go to the earliest run, and are reported). Returns a copy
+    of the chosen run's trace, with every run's answer and the votes in ``meta["samples"]`` and the selection
+    (method, votes, verifier scores, weights) in ``meta["selection"]``."""
     import dataclasses
 
-    from ragloop.agents.base import canonical_answer, majority_vote
     from ragloop.agents.factory import build_agent
     from ragloop.agents.repl import safe_text
     from ragloop.agents.runtime import Episode, run_episodes
+    from ragloop.eval.select import select_trace
 
     temp = spec.temperature if spec.temperature else 0.7
     eps = [Episode(build_agent(pol, dataclasses.replace(spec, temperature=temp, seed=spec.seed + j),
@@ -186,16 +224,21 @@ def _ask_samples(pol: Any, spec: Any, question: str, samples: int, *, retriever:
                       f"[{done}/{samples}][/dim]")
 
     traces = run_episodes(pol, eps, on_done=on_done)
-    winner, votes = majority_vote([t.answer for t in traces])
-    best = max(votes.values(), default=0)
-    tied = sorted(k for k, v in votes.items() if v == best) if best else []
-    chosen = next((t for t in traces if winner is not None and canonical_answer(t.answer) == winner), traces[0])
+    chosen, sel = select_trace(traces, select, task=spec.task, verifier=verifier, question=question)
     chosen.meta["samples"] = {"n": samples, "temperature": temp, "answers": [t.answer for t in traces],
-                              "votes": votes, "tie": tied if len(tied) > 1 else None}
+                              "votes": sel.votes, "tie": sel.tie if select == "majority" else None}
     if not quiet:
-        vote_text = ", ".join(f"{safe_text(k)}: {v}" for k, v in sorted(votes.items(), key=lambda kv: -kv[1]))
+        vote_text = ", ".join(f"{safe_text(k)}: {v}" for k, v in sorted(sel.votes.items(), key=lambda kv: -kv[1]))
         err.print(f"votes over {samples} runs: {vote_text or '(no answers)'}"
-                  + (f" — a tie between {', '.join(tied)}; the first seen wins" if len(tied) > 1 else ""))
+                  + (f" — a tie between {', '.join(sel.tie)}; the first seen wins"
+                     if sel.tie and select == "majority" else ""))
+        if sel.scores is not None:
+            err.print("verifier scores: " + ", ".join(f"run {i + 1}: {s:.3f}" for i, s in enumerate(sel.scores)))
+        if sel.weights is not None:
+            err.print("weighted votes: " + ", ".join(f"{safe_text(k)}: {v:.3f}" for k, v in
+                                                     sorted(sel.weights.items(), key=lambda kv: -kv[1])))
+        if select != "majority":
+            err.print(f"{select} chose run {sel.index + 1}: {safe_text(sel.answer or '(no answer)')}")
     return chosen
 
 
@@ -260,6 +303,16 @@ def _print_report(report: Any, as_json: bool) -> None:
                    f"against the passages cited or retrieved; mean {g['k_precision']:.3f}; citing {g['cited']:.3f})")
     elif g is not None:
         typer.echo("groundedness: no answer could be measured (no retrieval, or only fallback answers)")
+    sel = d.get("selection")
+    if sel:
+        typer.echo(f"selection {sel['method']} of {sel['samples']} samples (temperature {sel.get('temperature')}): "
+                   f"one sample {sel['sample_accuracy']:.3f} · pass@{sel['samples']} {sel['pass_at_n']:.3f}"
+                   + (f" · verifier {sel['verifier']}" if sel.get("verifier") else ""))
+        if len(sel.get("by_method", {})) > 1:
+            typer.echo("same samples, every method: " + ", ".join(
+                f"{m} {v['accuracy']:.3f} ({v['correct']}/{v['n']})" for m, v in sel["by_method"].items()))
+        if sel.get("samples_file"):
+            typer.echo(f"every sample: {sel['samples_file']}")
     if d.get("traces"):
         typer.echo(f"traces: {d['traces']}")
     if as_json:
@@ -304,13 +357,18 @@ def eval_gsm8k_cmd(
                                           help="Questions run together, their model calls decoded as one batch "
                                                "(default 32; 1 = one at a time)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-question progress on stderr."),
+    samples: int = typer.Option(1, "--samples", min=1, help=EVAL_SAMPLES_HELP),
+    select: str = typer.Option("majority", "--select", help=SELECT_HELP),
+    verifier: str | None = typer.Option(None, "--verifier", help=VERIFIER_HELP),
+    temperature: float | None = typer.Option(None, "--temperature", "-t", help=EVAL_TEMPERATURE_HELP),
 ) -> None:
-    """GSM8K accuracy of PAL, CoT or ReAct (greedy, fixed seed); writes the traces.
+    """GSM8K accuracy of PAL, CoT or ReAct (greedy, fixed seed; or the best of --samples runs); writes the traces.
 
     Examples:
       ragloop eval gsm8k --agent pal --limit 100
       ragloop eval gsm8k --agent cot --self-consistency 5 --limit 20 --json
       ragloop eval gsm8k --agent react --limit 20 --no-constrained   # free decoding, as RL explores
+      ragloop eval gsm8k --agent pal --limit 50 --samples 8 --select majority+verifier --verifier ckpt/verifier
     """
     if quiet:
         from ragloop.cli.progress import quiet_libraries
@@ -324,9 +382,11 @@ def eval_gsm8k_cmd(
                     limit=limit, offset=offset, seed=seed, out=out or _default_out("gsm8k", agent, seed), shots=shots,
                     self_consistency=self_consistency, max_new_tokens=max_new_tokens, max_steps=max_steps,
                     prompt_style=prompt_style, fallback=fallback, batch_size=batch_size,  # type: ignore[arg-type]
-                    constrained=resolve_constrained(constrained, policy))
+                    constrained=resolve_constrained(constrained, policy), samples=samples, select=select,
+                    temperature=temperature)
     _check_agent(agent)
-    report = run_benchmark(cfg, load_policy_spec(policy, precision), progress=_progress(quiet))
+    verifier_obj = load_verifier(verifier, select, samples)
+    report = run_benchmark(cfg, load_policy_spec(policy, precision), progress=_progress(quiet), verifier=verifier_obj)
     _print_report(report, as_json)
 
 
@@ -354,6 +414,10 @@ def eval_claims_cmd(
                                           help="Questions run together, their model calls decoded as one batch "
                                                "(default 32; 1 = one at a time)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-claim progress on stderr."),
+    samples: int = typer.Option(1, "--samples", min=1, help=EVAL_SAMPLES_HELP),
+    select: str = typer.Option("majority", "--select", help=SELECT_HELP),
+    verifier: str | None = typer.Option(None, "--verifier", help=VERIFIER_HELP),
+    temperature: float | None = typer.Option(None, "--temperature", "-t", help=EVAL_TEMPERATURE_HELP),
 ) -> None:
     """SciFact claim verification (SUPPORTS / REFUTES / NOT ENOUGH INFO) over a local index; with rag or react
     it also reports groundedness (answers whose content is in the passages they cite or retrieved).
@@ -361,6 +425,7 @@ def eval_claims_cmd(
     Examples:
       ragloop eval claims --agent rag --limit 50
       ragloop eval claims --agent react --index scifact --corpus ../shared/data/scifact/corpus.jsonl --limit 20
+      ragloop eval claims --agent rag --limit 20 --samples 5 --select majority
     """
     from ragloop.eval.runners import RunConfig, ensure_scifact_index, run_benchmark
 
@@ -375,6 +440,7 @@ def eval_claims_cmd(
     from ragloop.cli.text import require_file_target
 
     require_file_target(out, "--out")
+    verifier_obj = load_verifier(verifier, select, samples)
     retriever = None
     if agent in ("react", "rag"):
         retriever = ensure_scifact_index(index, corpus, progress=lambda m: typer.echo(m, err=True))
@@ -382,8 +448,10 @@ def eval_claims_cmd(
                     limit=limit, offset=offset, seed=seed, out=out or _default_out("claims", agent, seed), shots=shots,
                     max_new_tokens=max_new_tokens, max_steps=max_steps, prompt_style=prompt_style,
                     fallback=fallback, batch_size=batch_size, extra_settings={"index": index},  # type: ignore[arg-type]
-                    constrained=resolve_constrained(constrained, policy))
-    report = run_benchmark(cfg, load_policy_spec(policy, precision), retriever=retriever, progress=_progress(quiet))
+                    constrained=resolve_constrained(constrained, policy), samples=samples, select=select,
+                    temperature=temperature)
+    report = run_benchmark(cfg, load_policy_spec(policy, precision), retriever=retriever, progress=_progress(quiet),
+                           verifier=verifier_obj)
     _print_report(report, as_json)
 
 

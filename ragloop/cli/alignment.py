@@ -1,4 +1,4 @@
-"""``ragloop train sft|reward|ppo|grpo``, ``ragloop cai revise``, ``ragloop rlaif label``, ``ragloop improve``.
+"""``ragloop train sft|reward|verifier|ppo|grpo``, ``ragloop cai revise``, ``ragloop rlaif label``, ``ragloop improve``.
 
 Thin commands: parse the options, build the config, call one library function from ``ragloop.alignment``,
 print a one-line result. Training commands take ``--resume`` (continue exactly from the last checkpoint in
@@ -15,7 +15,7 @@ import typer
 
 from ragloop.core.errors import DataError, UsageError
 
-train_app = typer.Typer(help="Train the policy (SFT, PPO, GRPO) or a reward model.", no_args_is_help=True)
+train_app = typer.Typer(help="Train the policy (SFT, PPO, GRPO), a reward model or an outcome verifier.", no_args_is_help=True)
 cai_app = typer.Typer(help="Constitutional AI: critique → revision over traces.", no_args_is_help=True)
 rlaif_app = typer.Typer(help="RLAIF: AI preference labels between two responses.", no_args_is_help=True)
 
@@ -183,6 +183,59 @@ def train_reward(
                        budget_seconds=_budget(budget_minutes))
     res = train_reward_model(cfg, ps, resume=resume, progress=_echo_row(20))
     typer.echo(f"reward model: {res.n_train} train / {res.n_test} held-out pairs, held-out accuracy "
+               f"{res.test_accuracy:.3f}, AUC {res.test_auc:.3f} — {res.model_dir}")
+
+
+@train_app.command("verifier")
+def train_verifier(
+    traces: Path = typer.Option(..., "--traces", help="Judged traces (JSONL with feedback.correct), several runs per "
+                                "question, e.g. the *.samples.jsonl that `ragloop eval ... --samples N` writes."),
+    out: Path = typer.Option(..., "--out", help="Run directory; the verifier is written to OUT/model."),
+    max_pairs_per_question: int | None = typer.Option(16, "--max-pairs-per-question", min=1,
+                                                      help="At most this many (correct, incorrect) pairs per question."),
+    encoder: str | None = typer.Option(None, "--encoder", help="BERT-family encoder dir (default: embedded MiniLM)."),
+    freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the head only (seconds; weaker)."),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training pairs (the best epoch on validation is kept)."),
+    max_length: int = typer.Option(256, "--max-length", help="Encoder tokens per prompt+response (the prompt is cut "
+                                   "from the left, counted)."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="The last fraction of pairs is held out."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the run manifest; same seed, same result)."),
+    budget_minutes: float | None = typer.Option(None, "--budget-minutes", help="Stop cleanly after this many minutes."),
+) -> None:
+    """Train an outcome verifier: a reward model on (correct, incorrect) runs of the same question, for
+    `ask/eval --select verifier|majority+verifier --verifier OUT` (Cobbe et al. 2021 verifiers).
+
+    A thin wrapper: ``outcome_pairs`` over judged traces, then the same trainer as `train reward`.
+
+    Examples:
+      ragloop eval gsm8k --agent pal --limit 100 --samples 8 --out runs/s.jsonl    # writes runs/s.samples.jsonl
+      ragloop train verifier --traces runs/s.samples.jsonl --out ckpt/verifier
+      ragloop eval gsm8k --agent pal --offset 100 --limit 100 --samples 8 --select majority+verifier --verifier ckpt/verifier
+    """
+    from ragloop.alignment.data import DropReport, outcome_pairs
+    from ragloop.alignment.reward import RewardConfig, train_reward_model
+    from ragloop.core.trace import read_traces
+
+    _out_dir(out)
+    ts = read_traces(_existing(traces, "trace file"))
+    report = DropReport()
+    pairs = outcome_pairs(ts, max_pairs_per_question=max_pairs_per_question, report=report)
+    judged = [t for t in ts if t.feedback.correct is not None]
+    n_right = sum(bool(t.feedback.correct) for t in judged)
+    typer.echo(f"data: {len(ts)} traces, {len(judged)} judged ({n_right} correct), "
+               f"{len({t.question for t in judged})} questions -> {len(pairs)} pairs"
+               + (f" ({report.dropped['injection_flag']} flagged traces left out)" if report.dropped else ""), err=True)
+    if len(pairs) < 2:
+        why = ("no trace is judged (feedback.correct)" if not judged else
+               "no question has both a correct and an incorrect run" if pairs == [] else "only one pair")
+        raise DataError(f"{traces}: too few verifier pairs ({why})",
+                        hint="sample several judged runs per question, e.g. `ragloop eval gsm8k --samples 8 --out "
+                             "runs/s.jsonl`, then --traces runs/s.samples.jsonl")
+    cfg = RewardConfig(out_dir=str(out), encoder=encoder, freeze_backbone=freeze_backbone, epochs=epochs,
+                       max_length=max_length, test_fraction=test_fraction, seed=seed,
+                       budget_seconds=_budget(budget_minutes))
+    res = train_reward_model(cfg, pairs, progress=_echo_row(20))
+    typer.echo(f"verifier: {res.n_train} train / {res.n_test} held-out pairs, held-out accuracy "
                f"{res.test_accuracy:.3f}, AUC {res.test_auc:.3f} — {res.model_dir}")
 
 

@@ -202,6 +202,7 @@ class EvalReport:
     predictions: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     groundedness: dict[str, Any] | None = None  # retrieval tasks only (see ragloop.eval.groundedness)
+    selection: dict[str, Any] | None = None  # --samples N > 1: how the answer was chosen (run_sampled_examples)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -326,6 +327,9 @@ class RunConfig:
     batch_size: int | None = None  # episodes decoded together (None: the runtime's default)
     extra_settings: dict[str, Any] = field(default_factory=dict)
     constrained: bool = False  # grammar-constrained decoding (ragloop.models.grammar)
+    samples: int = 1  # > 1: whole runs per question, sampled at `temperature`, one chosen by `select`
+    select: str = "majority"  # majority | verifier | majority+verifier (ragloop.eval.select)
+    temperature: float | None = None  # sampling temperature of the samples (None: 0.7)
 
 
 def run_benchmark(
@@ -335,11 +339,19 @@ def run_benchmark(
     retriever: Any = None,
     sandbox: Any = None,
     progress: ProgressFn | None = None,
+    verifier: Any = None,
 ) -> EvalReport:
-    """Load the slice, build the agent (``ragloop.agents.factory``), run, score, summarise."""
+    """Load the slice, build the agent (``ragloop.agents.factory``), run, score, summarise. With
+    ``cfg.samples > 1`` every question is run that many times (sampled) and one run is chosen per question
+    by ``cfg.select`` (``verifier``: a ``ragloop.eval.select.Verifier`` for the verifier methods)."""
     from ragloop.agents.factory import AgentSpec, build_agent
     from ragloop.agents.runtime import default_batch_size
 
+    if cfg.samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {cfg.samples}")
+    if cfg.temperature is not None and cfg.samples == 1:
+        raise UsageError("--temperature sets the sampling of --samples runs; a single run is greedy",
+                         hint="add --samples N (N >= 2) or drop --temperature")
     if cfg.task == "gsm8k":
         examples = load_gsm8k(cfg.data, limit=cfg.limit, offset=cfg.offset)
         family = "math"
@@ -359,16 +371,120 @@ def run_benchmark(
     def make_agent() -> Any:  # one agent per episode: tools keep per-run state
         return build_agent(policy, spec, retriever=retriever, sandbox=sandbox)
 
-    traces, seconds = run_examples(make_agent, examples, task=cfg.task, out=cfg.out, progress=progress,
-                                   batch_size=cfg.batch_size)
+    selection = None
+    if cfg.samples > 1:
+        import dataclasses
+
+        temp = cfg.temperature or 0.7
+        sample_specs = [dataclasses.replace(spec, temperature=temp, seed=cfg.seed + j) for j in range(cfg.samples)]
+        traces, seconds, selection = run_sampled_examples(
+            lambda j: build_agent(policy, sample_specs[j], retriever=retriever, sandbox=sandbox), examples,
+            task=cfg.task, samples=cfg.samples, select=cfg.select, verifier=verifier, out=cfg.out,
+            progress=progress, batch_size=cfg.batch_size)
+        selection["temperature"] = temp
+    else:
+        traces, seconds = run_examples(make_agent, examples, task=cfg.task, out=cfg.out, progress=progress,
+                                       batch_size=cfg.batch_size)
     end = cfg.offset + len(examples)
     settings = {**effective_settings(agent), **cfg.extra_settings}
     settings["batch_size"] = cfg.batch_size or default_batch_size()
     if getattr(policy, "precision", None):  # the decode weights (fp32 unless a reduced precision was asked for)
         settings["precision"] = policy.precision
-    return summarize(traces, task=cfg.task, agent=cfg.agent, model=getattr(policy, "name", "?"),
-                     data=str(cfg.data), slice_=f"{Path(cfg.data).name}[{cfg.offset}:{end}]", seed=cfg.seed,
-                     seconds=seconds, out=cfg.out, settings=settings)
+    report = summarize(traces, task=cfg.task, agent=cfg.agent, model=getattr(policy, "name", "?"),
+                       data=str(cfg.data), slice_=f"{Path(cfg.data).name}[{cfg.offset}:{end}]", seed=cfg.seed,
+                       seconds=seconds, out=cfg.out, settings=settings)
+    report.selection = selection
+    return report
+
+
+def samples_path(out: str | Path) -> Path:
+    """Where every sampled run goes next to the chosen ones: ``run.jsonl`` -> ``run.samples.jsonl``."""
+    p = Path(out)
+    return p.with_name(p.stem + ".samples" + (p.suffix or ".jsonl"))
+
+
+def run_sampled_examples(
+    make_agent: Callable[[int], Any],
+    examples: Sequence[Example],
+    *,
+    task: Literal["gsm8k", "claims"],
+    samples: int,
+    select: str = "majority",
+    verifier: Any = None,
+    out: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    batch_size: int | None = None,
+) -> tuple[list[Trace], float, dict[str, Any]]:
+    """Run every example ``samples`` times — all questions × samples as one set of episodes on the runtime —
+    score every run, and choose one run per question with ``ragloop.eval.select`` (``make_agent(j)`` builds
+    the agent of sample ``j``, e.g. with seed SEED+j). Returns the chosen traces (input order; each with
+    ``meta["selection"]``), the seconds, and the selection summary for the report: the method, the accuracy
+    of a single sample, pass@N (a question with at least one correct sample: what a perfect selector gets),
+    and — with a verifier — the accuracy every method reaches on these same samples (``by_method``).
+    ``out`` gets the chosen traces, ``samples_path(out)`` every run (judged: the input of
+    ``ragloop train verifier``)."""
+    from ragloop.agents.runtime import Episode, run_episodes
+    from ragloop.eval.select import check_method, compare_methods
+
+    check_method(select, verifier)
+    if samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    if out is not None:
+        write_traces(out, [])
+        write_traces(samples_path(out), [])
+    t0 = time.perf_counter()
+    eps = [Episode(make_agent(j).episode(ex.question, task=task)) for ex in examples for j in range(samples)]
+    groups: list[list[Trace | None]] = [[None] * samples for _ in examples]
+    chosen: list[Trace | None] = [None] * len(examples)
+    method_correct: Counter[str] = Counter()
+    done = 0
+
+    def finished(k: int, trace: Trace) -> None:
+        nonlocal done
+        i, j = divmod(k, samples)
+        ex = examples[i]
+        trace.feedback.gold = ex.gold
+        trace.feedback.correct = is_correct(task, trace.answer, ex.gold)
+        trace.meta["example_id"] = ex.id
+        trace.meta["sample"] = j
+        if out is not None:
+            write_traces(samples_path(out), [trace], append=True)
+        groups[i][j] = trace
+        if any(t is None for t in groups[i]):
+            return
+        runs: list[Trace] = groups[i]  # type: ignore[assignment]
+        scores = verifier.score(ex.question, runs) if verifier is not None else None
+        sels = compare_methods([t.answer for t in runs], task=task, scores=scores,
+                               verifier_name=getattr(verifier, "name", None))
+        for m, s in sels.items():
+            method_correct[m] += int(bool(runs[s.index].feedback.correct))
+        sel = sels[select]
+        pick = runs[sel.index].model_copy(deep=True)
+        pick.meta["selection"] = {**sel.to_meta(), "n": samples,
+                                  "correct_samples": sum(bool(t.feedback.correct) for t in runs)}
+        chosen[i] = pick
+        if out is not None:
+            write_traces(out, [pick], append=True)
+        done += 1
+        if progress is not None:
+            progress(done, len(examples), pick)
+
+    all_runs = run_episodes(_policy_of(lambda: make_agent(0)), eps, batch_size=batch_size, on_done=finished)
+    picked: list[Trace] = [t for t in chosen if t is not None]
+    if out is not None:
+        write_traces(samples_path(out), all_runs)
+        write_traces(out, picked)
+    n = len(examples)
+    summary: dict[str, Any] = {
+        "method": select, "samples": samples, "verifier": getattr(verifier, "name", None),
+        "sample_accuracy": round(sum(bool(t.feedback.correct) for t in all_runs) / max(len(all_runs), 1), 4),
+        "pass_at_n": round(sum(t.meta["selection"]["correct_samples"] > 0 for t in picked) / max(n, 1), 4),
+        "by_method": {m: {"correct": c, "n": n, "accuracy": round(c / max(n, 1), 4),
+                          "ci95": [round(x, 4) for x in wilson_ci(c, n)]}
+                      for m, c in sorted(method_correct.items())},
+        "samples_file": str(samples_path(out)) if out is not None else None,
+    }
+    return picked, time.perf_counter() - t0, summary
 
 
 def effective_settings(agent: Any) -> dict[str, Any]:
