@@ -172,6 +172,9 @@ def ask_cmd(
     elif quiet:
         typer.echo(safe_text(trace.answer if trace.answer is not None else "(no answer)"))
     else:
+        if samples > 1:  # no live view of one run printed the answer: say which one was chosen
+            typer.echo(safe_text(f"Answer: {trace.answer if trace.answer is not None else '(no answer)'}  "
+                                 f"(run {trace.meta['selection']['index'] + 1} of {samples}, by {select})"))
         for line in answer_notes(trace):
             typer.echo(safe_text(line))
 

@@ -85,6 +85,11 @@ def test_ask_samples_records_the_selection(tmp_path, capsys, ragloop_home):
     trace = json.loads(cap.out)
     assert trace["answer"] == "12" and trace["meta"]["selection"]["index"] == 1
     assert trace["meta"]["selection"]["votes"] == {"11": 1, "12": 2} and trace["meta"]["samples"]["votes"] == {"11": 1, "12": 2}
+    # without --json the chosen answer is printed on stdout (the runs and votes go to stderr)
+    rc = main(["ask", "A pen costs $2. How much do 6 pens cost?", "--agent", "pal", "--samples", "3", "--no-log",
+               "--policy", script(tmp_path, ["\n    return 11\n", "\n    return 12\n", "\n    return 6 * 2\n"])])
+    cap = capsys.readouterr()
+    assert rc == 0 and "Answer: 12  (run 2 of 3, by majority)" in cap.out and "votes over 3 runs: 12: 2, 11: 1" in cap.err
 
 
 def test_train_verifier_needs_judged_runs_of_both_outcomes(tmp_path, capsys, ragloop_home):
