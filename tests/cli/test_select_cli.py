@@ -146,3 +146,26 @@ def test_train_verifier_then_select_with_it(tmp_path, capsys, ragloop_home):
     assert rc == 0, cap.err
     rec = json.loads(cap.out)["meta"]["selection"]
     assert rec["method"] == "verifier" and rec["index"] == max(range(3), key=lambda i: (rec["scores"][i], -i))
+
+
+def test_eval_claims_samples_vote_by_label(tmp_path, capsys, ragloop_home):
+    """Claim labels vote as the runner judges them ("Supported." and "SUPPORTS" are one label)."""
+    from ragloop.retrieval import HashingEmbedder, index_documents
+    from ragloop.retrieval.loaders import documents_from_records
+
+    idx = tmp_path / "idx"
+    index_documents(documents_from_records([{"_id": "1", "title": "Aspirin", "text": "Aspirin relieves headaches."}]),
+                    str(idx), embedder=HashingEmbedder(64))
+    data = tmp_path / "c.csv"
+    data.write_text("id,claim,evidence_label\n1,Aspirin relieves headaches.,SUPPORT\n")
+    responses = [" s\nAction 1: Search[aspirin]", " ok\nAction 2: Finish[REFUTES]",
+                 " s\nAction 1: Search[aspirin]", " ok\nAction 2: Finish[Supported.]",
+                 " s\nAction 1: Search[aspirin]", " ok\nAction 2: Finish[SUPPORTS]"]
+    rc = main(["eval", "claims", "--index", str(idx), "--data", str(data), "--json", "--quiet", "--samples", "3",
+               "--fallback", "none", "--out", str(tmp_path / "t.jsonl"), "--policy", script(tmp_path, responses)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    d = json.loads(cap.out.strip().splitlines()[-1])
+    assert d["accuracy"] == 1.0 and d["selection"]["sample_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    chosen = read_traces(tmp_path / "t.jsonl")[0]
+    assert chosen.meta["selection"]["votes"] == {"REFUTES": 1, "SUPPORTS": 2} and chosen.meta["selection"]["index"] == 1
