@@ -19,7 +19,7 @@ def test_improve_smoke_one_minute(smol_tokenizer, tiny_model_factory, tmp_path):
                         eval_batch=4, collect_questions=2, collect_samples=2, teacher_limit=24, rm_questions=2,
                         sft_batch=4, sft_max_length=320, sft_lr=1e-3, ppo_batch_prompts=2, ppo_samples=2,
                         ppo_max_iterations=2, general_n=2, min_stage_seconds=1.0,
-                        reserve_seconds=2.0, budget_clock="wall")
+                        reserve_seconds=2.0, budget_clock="wall", min_sft_minutes=0.05)
     summary = run_improve(cfg, policy=policy)
     out = tmp_path / "improve"
     on_disk = json.loads((out / "summary.json").read_text())
@@ -31,6 +31,8 @@ def test_improve_smoke_one_minute(smol_tokenizer, tiny_model_factory, tmp_path):
     assert summary["stages"]["sft"]["steps"] >= 1
     assert "rm" in summary["stages"] and "ppo" in summary["stages"]
     assert summary["elapsed_minutes"] < 3.0
+    assert summary["final_stage"] in ("sft+ppo", "sft") and summary["budget"]["per_stage"]["sft"] > 0
+    assert summary["budget"]["used"] <= 1.05 * 1.0 + 0.1  # the tiny run's fixed costs (model loads) on top
     # every trace is saved, with critiques on the collected ones
     collected = read_traces(out / "traces" / "collect-start.jsonl")
     assert len(collected) == 4 and all(t.feedback.critiques for t in collected)
