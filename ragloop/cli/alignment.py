@@ -535,7 +535,20 @@ def improve(
                                      help="scifact-react: index of the SciFact corpus (default scifact); custom: the "
                                           "index the agent searches (name or path)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="The shared data folder (default ../shared/data)."),
-    no_ppo: bool = typer.Option(False, "--no-ppo", help="Skip the PPO stage (SFT only)."),
+    rl: str = typer.Option("ppo", "--rl",
+                           help="gsm8k-pal: the RL stage after SFT, ppo, grpo (keep-best on the validation slice) "
+                                "or none."),
+    no_ppo: bool = typer.Option(False, "--no-ppo", help="Skip the RL stage (SFT only); the same as --rl none."),
+    ablate: bool = typer.Option(False, "--ablate",
+                                help="gsm8k-pal: run start | SFT only | SFT+GRPO | SFT+PPO from one start and one "
+                                     "budget, each arm the same training minutes, on the same held-out slice; the "
+                                     "arm best on the validation slice is final, then + verifier@8 (table.md)."),
+    val_n: int = typer.Option(50, "--val-n",
+                              help="gsm8k-pal: validation questions from gsm8k/train.jsonl, held out from every "
+                                   "training stage; GRPO's keep-best and the ablation's choice are made on them."),
+    verifier_samples: int = typer.Option(8, "--verifier-samples",
+                                         help="--ablate: samples per test question for the verifier@N row (0: not "
+                                              "run)."),
     no_rm: bool = typer.Option(False, "--no-rm", help="Skip the reward model (PPO then uses the programmatic check)."),
     lora: bool = typer.Option(False, "--lora", help="LoRA SFT instead of full fine-tuning."),
     seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the run manifest; same seed, same result)."),
@@ -543,13 +556,18 @@ def improve(
                                              help="gsm8k-pal: only run the loop's held-out evaluation of --policy "
                                                   "(e.g. a run's checkpoint); writes OUT/eval-TAG.json."),
 ) -> None:
-    """The whole loop: baseline eval → collect → filter/critique → SFT → reward model → PPO → eval again.
+    """The whole loop: baseline eval → collect → filter/critique → SFT → reward model → PPO or GRPO → eval again.
+    The budget is planned after the baseline's first batch: evaluations and collection are set aside, at least
+    60% goes to training, and a budget too small to train is refused at once with what to change.
+    --ablate compares start, SFT only, SFT+GRPO and SFT+PPO at equal training minutes (OUT/table.md).
     With --task scifact-react: baseline ReAct eval → teacher traces → SFT → eval again. With --task custom:
     your questions, split into train and held-out (recorded in OUT/split.json) → baseline eval → the agent's
     own correct traces on the train part → SFT → eval again (gold answers required).
 
     Examples:
       ragloop improve --task gsm8k-pal --budget-minutes 60 --out runs/improve-1
+      ragloop improve --task gsm8k-pal --rl grpo --budget-minutes 60 --out runs/improve-grpo
+      ragloop improve --ablate --budget-minutes 60 --eval-n 150 --out runs/ablation
       ragloop improve --task scifact-react --index scifact --budget-minutes 35 --out runs/improve-sf
       ragloop improve --task custom --questions qa.jsonl --index mydocs --agent react --metric f1 --out runs/mine
     """
@@ -562,8 +580,8 @@ def improve(
         if questions is None:
             raise UsageError("--task custom needs --questions FILE",
                              hint='a JSONL file with one {"question": ..., "answer": ...} per line')
-        if evaluate_only is not None:
-            raise UsageError("--evaluate-only is for --task gsm8k-pal")
+        if evaluate_only is not None or ablate:
+            raise UsageError(f"{'--ablate' if ablate else '--evaluate-only'} is for --task gsm8k-pal")
         ccfg = CustomTaskConfig(out_dir=str(out), questions=str(_existing(questions, "questions file")), agent=agent,
                                 metric=metric, index=index, train_split=train_split, policy=policy, seed=seed,
                                 budget_minutes=budget_minutes, budget_clock=budget_clock,
@@ -573,9 +591,12 @@ def improve(
         typer.echo(f"held-out rows {summary['split']['held_out_rows']} (seed {seed}); final policy: "
                    f"{summary['policy'] or 'unchanged (no SFT)'}  (summary: {out / 'summary.json'})")
         return
+    if no_ppo and rl not in ("ppo", "none"):
+        raise UsageError(f"--no-ppo and --rl {rl} contradict each other", hint="give one of them")
     cfg = ImproveConfig(out_dir=str(out), task=task, budget_minutes=budget_minutes, budget_clock=budget_clock,
                         policy=policy, eval_n=eval_n if eval_n is not None else (100 if task == "scifact-react" else 150), index=index or "scifact",
-                        data_dir=str(data_dir) if data_dir else None, ppo=not no_ppo, rm=not no_rm,
+                        data_dir=str(data_dir) if data_dir else None, rl="none" if no_ppo else rl, rm=not no_rm,
+                        ablate=ablate, val_n=val_n, verifier_samples=verifier_samples,
                         sft_method="lora" if lora else "full", seed=seed)
     if evaluate_only is not None:
         res = evaluate_slice(cfg, tag=evaluate_only, progress=lambda msg: typer.echo(msg, err=True))
@@ -583,7 +604,10 @@ def improve(
         return
     summary = run_improve(cfg, progress=lambda msg: typer.echo(msg, err=True))
     typer.echo(summary["table"])
-    typer.echo(f"final policy: {summary['policy']}  (summary: {out / 'summary.json'})")
+    b = summary.get("budget")
+    used = f"; used {b['used']:.1f} of {b['asked']:g} min ({b['clock']} clock)" if b else ""
+    stage = f"final stage: {summary['final_stage']} (chosen on validation) · " if summary.get("final_stage") else ""
+    typer.echo(f"{stage}final policy: {summary['policy']}{used}  (summary: {out / 'summary.json'})")
 
 
 def register(app: typer.Typer) -> None:

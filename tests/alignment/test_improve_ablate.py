@@ -153,3 +153,18 @@ def test_ablation_runs_every_arm_and_chooses_on_validation(smol_tokenizer, tiny_
     assert any(x.startswith("plan: ") and "every arm trains" in x for x in lines)
     assert any(x.startswith("[sft_branch] step") and "min left" in x for x in lines)
     assert summary["final_stage"] == "sft+grpo"
+
+
+def test_cli_rl_and_ablate_bad_input(tmp_path, capsys):
+    from ragloop.cli import main
+
+    out = str(tmp_path / "i")
+    assert main(["improve", "--rl", "dpo", "--out", out]) == 2
+    assert "unknown RL stage 'dpo'" in capsys.readouterr().err
+    assert main(["improve", "--no-ppo", "--rl", "grpo", "--out", out]) == 2
+    assert "--no-ppo and --rl grpo contradict" in capsys.readouterr().err
+    assert main(["improve", "--ablate", "--task", "scifact-react", "--out", out]) == 2
+    assert "--ablate is for --task gsm8k-pal" in capsys.readouterr().err
+    assert main(["improve", "--ablate", "--task", "custom", "--questions", str(tmp_path / "q.jsonl"), "--out", out]) == 2
+    assert "--ablate is for --task gsm8k-pal" in capsys.readouterr().err
+    assert ImproveConfig(out_dir=out, ppo=False).rl == "none"  # --no-ppo, as before
