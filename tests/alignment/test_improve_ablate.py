@@ -168,3 +168,15 @@ def test_cli_rl_and_ablate_bad_input(tmp_path, capsys):
     assert main(["improve", "--ablate", "--task", "custom", "--questions", str(tmp_path / "q.jsonl"), "--out", out]) == 2
     assert "--ablate is for --task gsm8k-pal" in capsys.readouterr().err
     assert ImproveConfig(out_dir=out, ppo=False).rl == "none"  # --no-ppo, as before
+
+
+def test_rl_grpo_stage_keeps_best_on_validation(smol_tokenizer, tiny_model_factory, tmp_path):
+    policy = LocalPolicy.from_model(tiny_model_factory(seed=0), smol_tokenizer, name="tiny")
+    summary = run_improve(_tiny_cfg(tmp_path, rl="grpo", budget_minutes=0.7, verifier_samples=0), policy=policy)
+    g = summary["stages"]["grpo"]
+    assert g["iterations"] >= 1 and g["validation"] and g["validation"][0]["iteration"] == 0
+    # the final stage follows GRPO's keep-best (iteration 0 = the SFT weights won on validation)
+    assert summary["final_stage"] == ("sft" if g["best_iteration"] == 0 else "sft+grpo")
+    assert summary["policy"] == g["policy"]
+    assert "ppo" not in summary["stages"] and summary["budget"]["per_stage"]["grpo"] > 0
+    assert summary["validation"]["n"] == 4 and len(summary["validation"]["rows"]) == 4
