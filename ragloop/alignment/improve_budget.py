@@ -134,14 +134,17 @@ def plan_budget(
                 f"training would get {100 * plan.train_share:.0f}% of the budget (at least "
                 f"{100 * min_train_share:.0f}% needed)")
         hint = f"raise --budget-minutes to at least {math.ceil(need_b / 60)}"
-        hint += (f" or lower --eval-n to {n_max}" if 1 <= n_max < eval_n else
-                 "; lowering --eval-n alone is not enough")
+        hint += (f" or lower --eval-n to {n_max}" if 1 <= n_max < eval_n else "; lowering --eval-n alone is not enough")
+        if ablate and reserved["validation"] + reserved["verifier"] > 0.1 * budget_s:
+            hint += "; --val-n and --verifier-samples shrink the validation and verifier parts"
+        names = {"evaluations": f"{n_test} evaluations of {eval_n} questions",
+                 "validation": f"4 validations of {val_n}", "collection": "collection",
+                 "verifier": f"the verifier row ({verifier_episodes} samples)",
+                 "kl_forgetting": "KL/forgetting probes", "reserve": "reserve"}
+        parts = ", ".join(f"{names[k]} {v / 60:.1f}" for k, v in reserved.items() if v > 0)
         raise UsageError(
-            f"{what} of a {budget_s / 60:g}-min budget ({clock} clock): {n_test} evaluations of {eval_n} questions"
-            + (f" and 4 validations of {val_n}" if ablate else "")
-            + f" would take ~{(reserved['evaluations'] + reserved['validation']) / 60:.1f} min and collection "
-            f"~{reserved['collection'] / 60:.1f} min at {row_s:.2f} s per greedy and {sample_s:.2f} s per sampled episode"
-            " (measured)", hint=hint)
+            f"{what} of a {budget_s / 60:g}-min budget ({clock} clock) after setting aside {parts} min "
+            f"(measured: {row_s:.2f} s per greedy, {sample_s:.2f} s per sampled episode)", hint=hint)
     return plan
 
 
