@@ -40,7 +40,8 @@ the whole loop, evaluations included. The plan is made after the baseline's firs
 episode is measured, not guessed) and refined on the whole baseline and on the collection: evaluations,
 validation, collection, the verifier's samples and a reserve are set aside, and the training stages share
 the rest (≥ ``min_train_share``, else a ``UsageError`` saying what to change — also when SFT would get
-less than ``min_sft_minutes``). Each training stage stops at its deadline after a checkpoint; the deadline
+less than ``min_sft_minutes``; the refusal comes after the first batch only — a later re-plan that misses
+the minimums says so in a warning and in ``stages.plan_warnings``, and goes on). Each training stage stops at its deadline after a checkpoint; the deadline
 is re-cut before each stage to what the clock has left after what remains to be done. ``summary.json``
 ``budget`` says asked, used, the clock, minutes per stage and the training share.
 """
@@ -448,7 +449,8 @@ class _Loop:
         self.say(f"collect ({tag}): {len(traces)} traces, {k} correct")
         return traces
 
-    def make_plan(self, row_s: float, sample_row_s: float | None = None) -> BudgetPlan:
+    def make_plan(self, row_s: float, sample_row_s: float | None = None, *, strict: bool = True) -> BudgetPlan:
+        """The budget plan at these measured episode costs; only the first (after the probe) may refuse."""
         cfg = self.cfg
         return plan_budget(
             budget_s=cfg.budget_minutes * 60.0, clock=cfg.budget_clock, row_s=row_s, sample_row_s=sample_row_s,
@@ -457,7 +459,14 @@ class _Loop:
             rm_collect_episodes=len(self.rm_idx) * cfg.collect_samples, rm=cfg.rm,
             verifier_episodes=cfg.verifier_samples * len(self.eval_rows) if cfg.ablate and cfg.rm else 0, rl=cfg.rl, ablate=cfg.ablate,
             sft_share=cfg.sft_share, rm_share=cfg.rm_share, rl_share=cfg.ppo_share, reserve_s=cfg.reserve_seconds,
-            min_train_share=cfg.min_train_share, min_sft_s=cfg.min_sft_minutes * 60.0)
+            min_train_share=cfg.min_train_share, min_sft_s=cfg.min_sft_minutes * 60.0, strict=strict)
+
+    def replan(self, what: str, row_s: float, sample_row_s: float | None = None) -> None:
+        self.plan = self.make_plan(row_s, sample_row_s, strict=False)
+        self.say(f"re-planned on {what}: " + self.plan.describe())
+        if self.plan.warning:
+            self.say(f"warning: the measured costs are higher than the probe's: {self.plan.warning}")
+            self.stages.setdefault("plan_warnings", []).append(self.plan.warning)
 
     def reserved(self, *, tests: int, vals: int, kls: int = 0, rm_collect: bool = False, train: float = 0.0) -> float:
         """Seconds to keep free for what comes after the current stage: the plan's estimates, and ``kls`` KL and
@@ -707,8 +716,7 @@ class _Loop:
             self.say(self.plan.describe())
             traces += self.episodes(self.eval_rows[k:])
             s = self.summarize_eval(traces, "before", self.now() - c0)
-        self.plan = self.make_plan(s["budget_seconds"] / len(self.eval_rows))  # the whole baseline's cost
-        self.say("re-planned on the whole baseline: " + self.plan.describe())
+        self.replan("the whole baseline", s["budget_seconds"] / len(self.eval_rows))
         return s, traces
 
     def run(self) -> dict[str, Any]:
@@ -728,8 +736,7 @@ class _Loop:
             collected = self.sample(self.collect_idx, "start")
         if collected:  # sampled episodes cost more than greedy ones (sandbox runs of programs that parse)
             assert self.plan is not None
-            self.plan = self.make_plan(self.plan.row_s, (self.now() - c0) / len(collected))
-            self.say("re-planned on the collection's cost: " + self.plan.describe())
+            self.replan("the collection's cost", self.plan.row_s, (self.now() - c0) / len(collected))
         result = self.run_ablation(before, collected) if cfg.ablate else self.run_single(before, collected)
         del self.ref_model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -47,6 +47,7 @@ class BudgetPlan:
     sft_continue_s: float = 0.0  # ablation: the SFT-only arm's continuation after the branch point
     ablate: bool = False
     verifier_episodes: int = 0  # ablation: sampled episodes of the verifier@N row (reserved in "verifier")
+    warning: str | None = None  # a re-plan (strict=False) that no longer meets the minimums says so here
 
     @property
     def train_share(self) -> float:
@@ -74,9 +75,10 @@ class BudgetPlan:
 def plan_budget(
     *, budget_s: float, clock: str, row_s: float, sample_row_s: float | None = None, eval_n: int, val_n: int, collect_episodes: int,
     rm_collect_episodes: int, rm: bool, verifier_episodes: int = 0, rl: str, ablate: bool, sft_share: float, rm_share: float,
-    rl_share: float, reserve_s: float, min_train_share: float = 0.6, min_sft_s: float = 120.0,
+    rl_share: float, reserve_s: float, min_train_share: float = 0.6, min_sft_s: float = 120.0, strict: bool = True,
 ) -> BudgetPlan:
-    """Split ``budget_s`` before training; raise ``UsageError`` (with what to change) when it cannot train.
+    """Split ``budget_s`` before training; raise ``UsageError`` (with what to change) when it cannot train
+    (``strict=False``: return the plan with ``warning`` set — for re-plans once part of the budget is spent).
 
     Reserved: the test evaluations (baseline + after, or baseline + 3 arms when ablating) of ``eval_n``
     questions, the validation of the 4 ablation arms (``val_n`` questions each), the collection episodes,
@@ -142,9 +144,12 @@ def plan_budget(
                  "verifier": f"the verifier row ({verifier_episodes} samples)",
                  "kl_forgetting": "KL/forgetting probes", "reserve": "reserve"}
         parts = ", ".join(f"{names[k]} {v / 60:.1f}" for k, v in reserved.items() if v > 0)
-        raise UsageError(
-            f"{what} of a {budget_s / 60:g}-min budget ({clock} clock) after setting aside {parts} min "
-            f"(measured: {row_s:.2f} s per greedy, {sample_s:.2f} s per sampled episode)", hint=hint)
+        msg = (f"{what} of a {budget_s / 60:g}-min budget ({clock} clock) after setting aside {parts} min "
+               f"(measured: {row_s:.2f} s per greedy, {sample_s:.2f} s per sampled episode)")
+        if not strict:
+            plan.warning = f"{msg} — {hint}"
+            return plan
+        raise UsageError(msg, hint=hint)
     return plan
 
 

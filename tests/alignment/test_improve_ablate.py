@@ -56,6 +56,10 @@ def test_plan_refuses_up_front_with_what_to_change():
         plan_budget(eval_n=300, **{**kw, "budget_s": (need - 1) * 60})
     with pytest.raises(UsageError):
         plan_budget(eval_n=n_max + 1, **kw)
+    # a re-plan once part of the budget is spent warns instead of refusing
+    late = plan_budget(eval_n=300, strict=False, **kw)
+    assert late.warning.startswith("SFT would get") and "raise --budget-minutes" in late.warning
+    assert plan_budget(eval_n=n_max, strict=False, **kw).warning is None
 
 
 def test_stage_clock_accounts_on_a_fake_clock():
