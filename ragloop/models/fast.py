@@ -22,7 +22,7 @@ recorded in ``benchmarks/RESULTS.md``):
   of 32 inputs — GGML's Q4_1 layout, so for the embedded model (a Q4_1 GGUF) the weights are exact and
   only bf16 rounding of scales and activations remains — an eighth of the bytes, used for decode steps
   of up to 4 rows (prefill and larger batches use a bf16 copy, where that kernel is faster; the output
-  projection stays bf16). Norms, RoPE, attention, softmax and the residual stream stay fp32 in every mode;
+  projection is bf16 there, and 4-bit with its top 64 logits recomputed in fp32 for steps of ≤ 4 rows). Norms, RoPE, attention, softmax and the residual stream stay fp32 in every mode;
 - each precision's kernel is chosen from what the CPU has (``ragloop.models.cpu.matmul_kernel``): oneDNN's
   bf16 path needs AVX-512 (bw/vl/dq) or AVX-NE-CONVERT, so on AVX2 and ARM bf16 weights (and int4's bf16
   copy) run on ``_Bf16FallbackLinear``, correct on every CPU;
@@ -224,6 +224,42 @@ class _SmallBatchInt4Linear:
         return self.small(x) if x.numel() <= self.max_rows * self.in_features else self.large(x)
 
 
+class _RescoredInt4Head:
+    """The output projection for ``precision="int4"``: 4-bit logits, the best ``top_k`` of them recomputed exactly.
+
+    The head is the largest matrix of a small model (SmolLM2-135M: 49152 x 576, tied to the embedding, Q8_0
+    in the GGUF file llama.cpp runs), so at one or a few rows it costs as much as all 30 layers in 4 bits:
+    bf16 reads 57 MB per token (~6 ms on one core), the 4-bit kernel 16 MB (~2 ms). 4-bit logits alone move
+    by up to a few units, which could change the argmax, so the ``top_k`` candidates per row are rescored
+    with the fp32 weights (a (k, D) gather and a dot product, ~0.1 ms): greedy decoding picks the token the
+    fp32 head picks unless that token is outside the 4-bit top ``top_k`` (the int4 logits are off by a few
+    units at most, far less than the gap to the 64th candidate), and sampling sees exact logits wherever its
+    mass is. Tail logits keep their 4-bit values, capped at the smallest rescored one, so the argmax is always
+    an exact logit. Calls of more than ``max_rows`` rows (prefill, batches)
+    use the bf16 head (``large``), where the matmul is compute-bound and the 4-bit kernel is slower.
+    """
+
+    def __init__(self, weight: torch.Tensor, large, *, top_k: int = 64, max_rows: int = 4) -> None:
+        self.small = _Int4Linear(weight)
+        self.large = large
+        self.weight = weight.detach().float()  # (V, D): the model's own tensor when it is fp32 (not copied)
+        self.out_features, self.in_features = weight.shape
+        self.top_k = min(int(top_k), self.out_features)
+        self.max_rows = max_rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > self.max_rows * self.in_features:
+            return self.large(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()  # (M, D)
+        logits = self.small(x2).float()  # (M, V) 4-bit estimates
+        idx = logits.topk(self.top_k, dim=-1).indices  # (M, k)
+        exact = torch.einsum("md,mkd->mk", x2, self.weight[idx])  # (M, k) fp32
+        # a tail estimate may not outrank a rescored candidate: the argmax is always an exact logit
+        logits = torch.minimum(logits, exact.min(dim=-1, keepdim=True).values).scatter_(1, idx, exact)
+        return logits.reshape(*shape[:-1], self.out_features)
+
+
 def weights_on_int4_grid(model: torch.nn.Module, layers: tuple[int, ...] = (0, -1)) -> bool:
     """Whether the matmul weights of ``layers`` of a Llama model lie on a Q4_1 grid (4-bit, groups of 32), so
     that ``precision="int4"`` reproduces them exactly (the embedded GGUF model); False for weights int4 would
@@ -386,6 +422,7 @@ class FastStepper:
         reserve: int = 256,
         share_prompts: bool = True,
         cpu: CpuInfo | None = None,
+        rescored_head: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -403,11 +440,16 @@ class FastStepper:
             self.embed = model.model.embed_tokens.weight.detach().float()  # (V, D), shared, not copied
             self.layers = _extract_layers(model, precision, 1, self.kernels)
             self.norm = model.model.norm.weight.detach().float().clone()  # (D,)
-            # int4 keeps the output projection in bf16: it is the (tied) embedding, 8-bit in GGUF files
+            # int4: the output projection is the (tied) embedding, 8-bit in GGUF files — bf16 for big calls,
+            # 4-bit with the top candidates rescored in fp32 for decode steps
             head_precision = "bf16" if precision == "int4" else precision
             self.lm_head = _make_linear(model.lm_head.weight, head_precision, 1, matmul_kernel(head_precision, self.cpu))
             if isinstance(self.lm_head, _Bf16FallbackLinear):
                 self.lm_head.keep_fp32_copy()  # batched steps: the head's per-call widening dominated them
+            V, D = model.lm_head.weight.shape
+            if precision == "int4" and rescored_head and V % 16 == 0 and D % INT4_GROUP == 0:
+                # decode steps of a few rows: 4-bit head + exact top-k (see _RescoredInt4Head)
+                self.lm_head = _RescoredInt4Head(model.lm_head.weight, self.lm_head)
             if precision == "int4":
                 # True for the embedded model (Q4_1 GGUF); otherwise int4 rounds the weights (check quality)
                 self.int4_exact = all(lin.small.on_grid for layer in self.layers

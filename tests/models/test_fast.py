@@ -179,14 +179,14 @@ def _cpu_for(path: str, precision: str) -> CpuInfo:
     return info
 
 
-def _agreement(model, precision: str, cpu: CpuInfo | None = None) -> tuple[float, float]:
+def _agreement(model, precision: str, cpu: CpuInfo | None = None, **kw) -> tuple[float, float]:
     """Teacher-forced next-token agreement with fp32 over 3 prompts x 20 positions, and the max relative
-    logit error."""
+    logit error. ``kw``: FastStepper options of the reduced-precision side."""
     ids, mask = _left_pad(PROMPTS)
     g = torch.Generator().manual_seed(1)
     feed = [torch.randint(3, VOCAB, (len(PROMPTS),), generator=g) for _ in range(20)]
     ref, _ = _run(make_stepper(model), ids, mask, steps=20, feed=feed)
-    low, _ = _run(make_stepper(model, precision=precision, cpu=cpu), ids, mask, steps=20, feed=feed)
+    low, _ = _run(FastStepper(model, precision=precision, cpu=cpu, **kw), ids, mask, steps=20, feed=feed)
     agree = torch.cat([(a.argmax(-1) == b.argmax(-1)) for a, b in zip(ref, low, strict=True)]).float().mean()
     err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(low, ref, strict=True))
     return float(agree), err
@@ -200,10 +200,8 @@ def test_reduced_precision_agrees_with_fp32(tiny, precision, path):
     assert 0 < err < 0.1  # reduced, but not broken
 
 
-@pytest.mark.parametrize("path", ["native", "fallback"])
-def test_int4_is_near_exact_on_weights_already_on_a_q4_1_grid(tiny, path):
-    """The embedded model's matmul weights are Q4_1 (4-bit, groups of 32): int4 then loses only bf16
-    rounding. Project the tiny model's weights onto such a grid and compare with its own fp32 path."""
+def _on_q4_grid(tiny):
+    """A copy of ``tiny`` whose matmul weights (not the embedding/head) are projected onto a Q4_1 grid."""
     import copy
 
     model = copy.deepcopy(tiny)
@@ -214,7 +212,17 @@ def test_int4_is_near_exact_on_weights_already_on_a_q4_1_grid(tiny, path):
                 N, K = lin.weight.shape
                 q, scale, low = quantize_int4_groupwise(lin.weight.float(), 32)
                 lin.weight.copy_((q.reshape(N, K // 32, 32) * scale[..., None] + low[..., None]).reshape(N, K))
-    agree, err = _agreement(model, "int4", _cpu_for(path, "int4"))  # prefill (> 4 rows' worth) runs bf16
+    return model
+
+
+@pytest.mark.parametrize("path", ["native", "fallback"])
+def test_int4_is_near_exact_on_weights_already_on_a_q4_1_grid(tiny, path):
+    """The embedded model's matmul weights are Q4_1 (4-bit, groups of 32): int4 then loses only bf16
+    rounding. Project the tiny model's weights onto such a grid and compare with its own fp32 path."""
+    model = _on_q4_grid(tiny)
+    # prefill (> 4 rows' worth) runs bf16; the head is kept bf16 here (its 4-bit estimates of this random
+    # embedding's tail logits are lossy by design: test_int4_head_rescores_its_top_candidates_exactly)
+    agree, err = _agreement(model, "int4", _cpu_for(path, "int4"), rescored_head=False)
     assert make_stepper(model, precision="int4").int4_exact
     assert not make_stepper(tiny, precision="int4").int4_exact  # random weights: rounded
     assert agree >= 0.85
@@ -259,6 +267,40 @@ def test_int4_linear_uses_4_bit_for_few_rows_and_bf16_for_many(large_kernel):
         assert torch.allclose(y, x @ w.T, atol=0.05, rtol=0.02), rows
     x = torch.randn(4, 64, generator=g)
     assert torch.equal(lin(x), lin.small(x)) and torch.equal(lin(torch.cat([x, x])), lin.large(torch.cat([x, x])))
+
+
+def test_int4_head_rescores_its_top_candidates_exactly():
+    # the 4-bit head's estimates are replaced by fp32 logits for each row's top k: greedy equals fp32's pick
+    from ragloop.models.fast import _RescoredInt4Head
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 64, generator=g) * 0.2  # not on a 4-bit grid: the estimates are lossy
+    large_calls = []
+
+    def large(x):
+        large_calls.append(x.shape)
+        return x @ w.T
+
+    head = _RescoredInt4Head(w, large, top_k=16, max_rows=4)
+    x = torch.randn(3, 64, generator=g)
+    exact = x @ w.T
+    y = head(x)
+    assert y.shape == (3, 512) and not large_calls
+    top = head.small(x).float().topk(16, dim=-1).indices  # the 4-bit top k: rescored to their fp32 values
+    assert torch.allclose(y.gather(1, top), exact.gather(1, top), atol=1e-5)
+    assert torch.equal(y.argmax(-1), exact.argmax(-1))
+    assert not torch.allclose(y, exact, atol=1e-5)  # the tail keeps its 4-bit estimates (the test can fail)
+    x5 = torch.randn(5, 64, generator=g)
+    assert torch.equal(head(x5), x5 @ w.T) and large_calls == [(5, 64)]  # more than max_rows rows: the large head
+
+
+def test_int4_rescored_head_agrees_with_fp32_at_least_as_well_as_the_bf16_head(tiny):
+    # teacher-forced next-token agreement with the fp32 stepper (3 rows: every step takes the 4-bit head), on
+    # layers that int4 holds exactly (as the embedded model's), so that the head makes the difference
+    model = _on_q4_grid(tiny)
+    with_head, _ = _agreement(model, "int4", rescored_head=True)
+    plain, _ = _agreement(model, "int4", rescored_head=False)
+    assert with_head >= plain and with_head >= 0.85
 
 
 def test_bad_calls_are_clear_errors(tiny):
