@@ -17,6 +17,11 @@ Tasks: ``--agent pal|cot`` on GSM8K ``test_dev300.jsonl``; ``--agent react`` on 
 (``--task gsm8k``) or on SciFact claims (``--task claims``) over an index of the claims' cited abstracts plus
 ``--distractors`` others, built in a temp dir (``--index`` to reuse one).
 
+Precision: both sides decode in ``--precision`` (the same function: the ratio is the runtime's alone); with
+``--baseline-precision fp32 --precision auto`` the baseline is the runner as it was before ``auto`` became the
+default, so the ratio is what a user of ``ragloop eval`` gains from both changes together (``identical`` then
+compares traces across precisions and need not be 1).
+
 Run: ``.venv/bin/python benchmarks/runtime_throughput.py --agent pal --n 64 --baseline-n 8``. One JSON line last.
 """
 
@@ -63,6 +68,9 @@ def add_args(ap: argparse.ArgumentParser, *, shared: bool = True) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     if shared:
         ap.add_argument("--precision", default="fp32", help="decode precision of both sides")
+    ap.add_argument("--baseline-precision", default=None,
+                    help="decode precision of the one-at-a-time baseline (default: the same as the runtime's); "
+                         "e.g. fp32 against --precision auto compares the old default runner with the new one")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: ragloop's)")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--shots", type=int, default=None)
@@ -95,6 +103,9 @@ def measure(args: argparse.Namespace) -> dict:
         examples = load_claims(DATA / "scifact" / "claims_train.csv", limit=args.n)
         family = "claims"
     policy = load_policy(precision=args.precision)
+    base_precision = getattr(args, "baseline_precision", None) or args.precision
+    # a baseline in another precision decodes on its own policy object (same weights, its own fast stepper)
+    base_policy = policy if base_precision == args.precision else load_policy(precision=base_precision)
     retriever = None
     tmp = None
     if args.task == "claims":
@@ -110,8 +121,8 @@ def measure(args: argparse.Namespace) -> dict:
                      tools=tools, seed=0, **extra)
     sandbox = Sandbox()
 
-    def make():
-        return build_agent(policy, spec, retriever=retriever, sandbox=sandbox)
+    def make(pol=policy):
+        return build_agent(pol, spec, retriever=retriever, sandbox=sandbox)
 
     questions = [e.question for e in examples]
     task = "gsm8k" if args.task == "gsm8k" else "claims"
@@ -121,9 +132,11 @@ def measure(args: argparse.Namespace) -> dict:
         out = fn()
         return out, time.perf_counter() - w0, time.process_time() - c0
 
-    make().run(questions[0])  # warm-up: builds the fast stepper, loads exemplars
+    make(base_policy).run(questions[0])  # warm-up: builds the fast stepper, loads exemplars
+    if base_policy is not policy:
+        make().run(questions[0])
     k = min(args.baseline_n, len(questions))
-    base, base_wall, base_cpu = timed(lambda: [make().run(q) for q in questions[:k]])
+    base, base_wall, base_cpu = timed(lambda: [make(base_policy).run(q) for q in questions[:k]])
     batched, wall, cpu = timed(lambda: run_questions(make, questions, policy, batch_size=args.batch_size))
 
     def sig(t):
@@ -135,7 +148,8 @@ def measure(args: argparse.Namespace) -> dict:
     base_q_s, run_q_s = k / base_wall, len(batched) / wall
     result = {
         "bench": "runtime_throughput", "agent": args.agent, "task": args.task, "n": len(batched), "baseline_n": k,
-        "batch_size": args.batch_size, "precision": policy.precision, "threads": threads,
+        "batch_size": args.batch_size, "precision": policy.precision, "baseline_precision": base_policy.precision,
+        "threads": threads,
         "baseline_s_per_q": round(base_wall / k, 3), "runtime_s_per_q": round(wall / len(batched), 3),
         "baseline_cpu_s_per_q": round(base_cpu / k, 3), "runtime_cpu_s_per_q": round(cpu / len(batched), 3),
         "throughput_ratio": round(run_q_s / base_q_s, 2),
