@@ -409,6 +409,10 @@ def main(argv: list[str] | None = None) -> dict:
         "same_greedy_prefix": [next((j for j, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), min(len(x), len(y)))
                                for x, y in zip(lc_tokens, tokens["fp32"], strict=True)],
         "llama_cpp_python": __import__("llama_cpp").__version__,
+        # which SIMD the loaded llama.cpp build uses (a -march=native build on an AVX-512 CPU stays AVX-512 under
+        # the AVX2 emulation; LLAMA_CPP_LIB_PATH selects another build, e.g. one compiled with GGML_AVX512=OFF)
+        "system_info": __import__("llama_cpp").llama_print_system_info().decode().strip(),
+        "lib_path": os.environ.get("LLAMA_CPP_LIB_PATH"),
     }
     lc_tok_s = llamacpp.get("single_tok_s")
     result = {
