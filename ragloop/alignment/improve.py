@@ -75,7 +75,7 @@ from ragloop.alignment.data import (
     trace_response_text,
     traces_to_sft_rows,
 )
-from ragloop.alignment.improve_budget import BudgetPlan, StageClock, plan_budget
+from ragloop.alignment.improve_budget import KL_PROBE_FACTOR, BudgetPlan, StageClock, plan_budget
 from ragloop.core.errors import ConfigError, DataError, TrainingError, UsageError
 from ragloop.core.trace import Feedback, Message, Trace, write_traces
 from ragloop.models.types import GenerationConfig
@@ -474,7 +474,7 @@ class _Loop:
         assert self.plan is not None
         greedy = tests * len(self.eval_rows) + vals * len(self.val_rows)
         sampled = self.plan.verifier_episodes + (len(self.rm_idx) * self.cfg.collect_samples if rm_collect else 0)
-        kl = kls * (self.kl_s if self.kl_s is not None else 0.25 * len(self.eval_rows) * self.plan.row_s)
+        kl = kls * (self.kl_s if self.kl_s is not None else KL_PROBE_FACTOR * len(self.eval_rows) * self.plan.row_s)
         return greedy * self.plan.row_s + sampled * self.plan.sample_row_s + kl + self.cfg.reserve_seconds + train
 
     def allot(self, planned: float, **after: Any) -> float:
@@ -664,6 +664,12 @@ class _Loop:
             return {"not_run": "verifier_samples is 0 (--verifier-samples)"}
         if rm_model is None:
             return {"not_run": "no reward model was trained (too few preference pairs, or --no-rm): nothing to verify with"}
+        assert self.plan is not None
+        need = self.plan.verifier_episodes * self.plan.sample_row_s
+        if self.clock.left() < need:  # the budget bounds the whole loop: a row that does not fit is not run
+            return {"not_run": f"the budget had {max(0.0, self.clock.left()) / 60:.1f} min left and "
+                               f"verifier@{cfg.verifier_samples} needs ~{need / 60:.1f} min: raise --budget-minutes or "
+                               "lower --verifier-samples"}
         with self.sc.stage("verifier"):
             if final == "start":
                 self.policy.model = self.ref_model
@@ -824,10 +830,14 @@ class _Loop:
                          "minutes": round(sum(sec.get(k, 0.0) for k in train_stages) / 60, 3)}
             val[arm] = self.validate(arm)
 
+        # every arm's minutes after the branch point, re-cut to what the clock has left so that the three stay
+        # equal when the estimates were off: SFT continuation = reward model + GRPO = reward model + PPO
+        avail = self.clock.left() - self.reserved(tests=3, vals=3, kls=3, rm_collect=self.rm_on)
+        rest = max(cfg.min_stage_seconds, min(plan.sft_continue_s, (avail + (plan.rm_s if self.rm_on else 0.0)) / 3))
+        self.stages["arm_rest_s"] = round(rest, 1)
         # arm "sft": the same SFT continued on the same rows (reshuffled) for the rest of the arm's minutes
         with self.sc.stage("sft_continue"):
-            budget = self.allot(plan.sft_continue_s, tests=3, vals=3, kls=3, rm_collect=self.rm_on,
-                                train=plan.rm_s + 2 * plan.rl_s)
+            budget = rest
             res = self.sft(rows, budget_s=budget, out_dir=str(self.out / "sft"), name=f"{self.start_name}-sft",
                            seed=cfg.seed + 1, stage="sft_continue")
         finish("sft", "sft", res.policy_dir, ("sft_branch", "sft_continue"))
@@ -835,12 +845,13 @@ class _Loop:
         self.policy.model, self.policy.name = copy.deepcopy(branch), branch_name
         rm_model = self.reward_model(collected) if self.rm_on else None
         with self.sc.stage("grpo"):
-            budget = self.allot(plan.rl_s, tests=2, vals=2, kls=2, train=plan.rl_s)
+            budget = self.allot(rest - sec.get("rm", 0.0), tests=2, vals=2, kls=2,
+                                train=max(0.0, rest - sec.get("rm", 0.0)))
             d, _ = self.grpo(rm_model, budget, copy.deepcopy(branch))
         finish("sft+grpo", "sft-grpo", d or branch_res.policy_dir, ("sft_branch", "rm", "grpo"))
         self.policy.model, self.policy.name = branch, branch_name
         with self.sc.stage("ppo"):
-            budget = self.allot(plan.rl_s, tests=1, vals=1, kls=1)
+            budget = self.allot(rest - sec.get("rm", 0.0), tests=1, vals=1, kls=1)
             d, _ = self.ppo(rm_model, budget, copy.deepcopy(branch))
         finish("sft+ppo", "sft-ppo", d or branch_res.policy_dir, ("sft_branch", "rm", "ppo"))
         # the final arm: best validation accuracy (ties: the earlier, less trained arm) — never the test slice

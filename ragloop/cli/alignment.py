@@ -546,6 +546,9 @@ def improve(
     val_n: int = typer.Option(50, "--val-n",
                               help="gsm8k-pal: validation questions from gsm8k/train.jsonl, held out from every "
                                    "training stage; GRPO's keep-best and the ablation's choice are made on them."),
+    collect_questions: int = typer.Option(16, "--collect-questions",
+                                          help="gsm8k-pal: training questions sampled (4 runs each) with the start "
+                                               "policy for SFT, and again with the SFT policy for reward-model pairs."),
     verifier_samples: int = typer.Option(8, "--verifier-samples",
                                          help="--ablate: samples per test question for the verifier@N row (0: not "
                                               "run)."),
@@ -597,6 +600,7 @@ def improve(
                         policy=policy, eval_n=eval_n if eval_n is not None else (100 if task == "scifact-react" else 150), index=index or "scifact",
                         data_dir=str(data_dir) if data_dir else None, rl="none" if no_ppo else rl, rm=not no_rm,
                         ablate=ablate, val_n=val_n, verifier_samples=verifier_samples,
+                        collect_questions=collect_questions, rm_questions=collect_questions,
                         sft_method="lora" if lora else "full", seed=seed)
     if evaluate_only is not None:
         res = evaluate_slice(cfg, tag=evaluate_only, progress=lambda msg: typer.echo(msg, err=True))
