@@ -870,7 +870,7 @@ class _Loop:
         return {"after": {k: v for k, v in arms[final].items() if k not in ("kl_to_start", "general_nll")},
                 "kl_to_start": arms[final]["kl_to_start"], "general_nll_before": self.general_nll_start,
                 "general_nll_after": arms[final].get("general_nll"),
-                "policy": arms[final]["policy"] if final != "start" else self.cfg.policy,
+                "policy": arms[final]["policy"] if final != "start" else (self.cfg.policy or "default"),
                 "final_stage": final, "ablation": ablation, "arm_split": {
                     "branch_minutes": round(sec.get("sft_branch", 0.0) / 60, 3),
                     "planned_arm_minutes": round(plan.arm_s / 60, 3)}, "table": table}
