@@ -203,7 +203,8 @@ class LocalPolicy:
         from ragloop.models.cpu import resolve_precision
 
         resolved = resolve_precision("auto", q4_grid=fast.weights_on_int4_grid(self.model))
-        log.info("precision auto -> %s", resolved)
+        if resolved != getattr(self, "precision", None):  # said once, and again only when it changes
+            log.info("precision auto -> %s", resolved)
         return resolved
 
     def _make_fast_stepper(self) -> Stepper | None:
