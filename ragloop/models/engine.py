@@ -54,8 +54,9 @@ MIN_SHARED_PREFIX = 32
 # are free slots) are waiting, or JOIN_WAIT steps after the first one arrived (bounded extra latency).
 JOIN_MIN = 4
 JOIN_WAIT = 8
-# KV cache the rows of one batch may hold (prompt + new tokens of every row; a shared prefix counted once).
-# Long ReAct prompts (4-5k tokens at ~46 KB a token for the embedded model) would otherwise put GBs in flight.
+# KV cache the rows of one batch may hold at the peak (prompt + new tokens of every row, a shared prefix counted
+# once, and the copy a regroup makes). Long ReAct prompts (4-5k tokens at ~46 KB a token for the embedded
+# model) would otherwise put GBs in flight.
 KV_BUDGET_MB = float(os.environ.get("RAGLOOP_KV_BUDGET_MB", "3072"))
 
 
@@ -390,7 +391,9 @@ class DecodeEngine:
         taken: list[_Row] = []
         longest = 0
         per_token = int(getattr(self._stepper, "kv_bytes_per_token", lambda: 0)())
-        budget = int(KV_BUDGET_MB * (1 << 20)) // per_token if per_token else None
+        # a join or compaction (FastStepper.regroup) builds the new cache while the old one is alive, so the
+        # peak is two rectangles: each may take half the budget (a ReAct claims run peaked at 9.6 GB without it)
+        budget = int(KV_BUDGET_MB * (1 << 20)) // per_token // 2 if per_token else None
         live = [r for r in self._rows if r.finish is None]
         widest = max((self._kv_tokens(r) for r in live), default=0)
         while self._waiting and len(taken) < capacity:
