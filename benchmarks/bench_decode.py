@@ -94,7 +94,8 @@ def llamacpp_model(threads: int):
         from llama_cpp import Llama
     except ImportError as e:
         return (f"llama-cpp-python is not installed ({e.name}): pip install -e '.[bench]' "
-                "(it compiles llama.cpp: ~10+ minutes on 2 cores)")
+                "(it compiles llama.cpp: ~6 minutes on 2 cores with the CMAKE_ARGS in pyproject.toml's [bench] "
+                "comment, which skip its multimodal library and examples)")
     from ragloop.models.loading import embedded_gguf_path
 
     return Llama(model_path=str(embedded_gguf_path()), n_ctx=1024, n_batch=512, n_threads=threads,
