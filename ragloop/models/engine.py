@@ -281,6 +281,7 @@ class DecodeEngine:
         self._max_len = 0
         self.steps = 0  # decode steps taken (for tests and benchmarks)
         self.joins = 0  # times requests joined a running batch
+        self._last_prompt: list[int] = []  # the last prompt a batch started with (see _shared_prefix)
 
     def new_detok(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.tokenizer)
@@ -429,9 +430,9 @@ class DecodeEngine:
             rows = [self._waiting.popleft()]
             self._stepper = self.make_stepper(1, len(rows[0].prompt) + rows[0].cfg.max_new_tokens)
         prompts = [r.prompt for r in rows]
-        # every prompt keeps at least one token of its own (the position whose logits start its generation)
-        shared = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
-        if len(rows) > 1 and shared >= MIN_SHARED_PREFIX and hasattr(self._stepper, "prefill_prefix"):
+        shared = self._shared_prefix(prompts)
+        self._last_prompt = list(prompts[-1])
+        if shared >= MIN_SHARED_PREFIX and hasattr(self._stepper, "prefill_prefix"):
             ids, mask = left_pad([p[shared:] for p in prompts], self.pad_id)  # (R, T) suffixes
             self._logits = self._stepper.prefill_prefix(prompts[0][:shared], ids, mask)  # (R, V)
             self._prefix = prompts[0][:shared]
@@ -441,6 +442,29 @@ class DecodeEngine:
             self._prefix = []
         self._rows = rows
         self._init_seen(rows)
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> int:
+        """How many leading tokens of ``prompts`` to prefill once as a shared prefix (0: none).
+
+        The stepper keeps the last shared prefix's cache across batches (``FastStepper.stored_prefix``): when
+        every prompt starts with it, it is used as is and its prefill is skipped — an agent's exemplar block
+        is prefilled once per policy, not once per question or per call. Otherwise the prompts' common
+        prefix; a lone prompt is compared with the previous batch's last prompt (consecutive calls of one
+        agent share their exemplars; ReAct's next call extends its last prompt), so that the part they share
+        is cached for the calls that follow. Every prompt keeps at least one token of its own (the position
+        whose logits start its generation).
+        """
+        if not hasattr(self._stepper, "prefill_prefix"):
+            return 0
+        own = min(len(p) for p in prompts) - 1
+        stored = list(getattr(self._stepper, "stored_prefix", []) or [])
+        S = len(stored)
+        if MIN_SHARED_PREFIX <= S <= own and all(p[:S] == stored for p in prompts):
+            return S
+        pool = prompts if len(prompts) > 1 else prompts + ([self._last_prompt] if self._last_prompt else [])
+        if len(pool) < 2:
+            return 0
+        return max(0, min(common_prefix_len(pool), own))
 
     def _joinable(self) -> bool:
         """Waiting rows may join now: FIFO, so only while the oldest waiting row fits the running batch."""

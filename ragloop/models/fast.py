@@ -469,9 +469,14 @@ class FastStepper:
         self._n = 1  # rows per distinct prompt (1: no sharing)
         self._prompt_len = 0  # T
         self._prefix: list[int] = []  # prefix mode: the token ids every row's prompt starts with (in _kp/_vp)
+        # the last prefix's cache, kept across batches (reset() does not drop it): a later batch whose prompts
+        # start with the same tokens (an agent's exemplars) skips their prefill. Valid for these weights only —
+        # the policy builds a new stepper when its weights change.
+        self._store: tuple[tuple[int, ...], list[torch.Tensor], list[torch.Tensor]] | None = None
         self._pos: torch.Tensor | None = None  # (B,) position of the next token
         self._len = 0  # slots of self._k filled
         self._batch = 0
+        self.prefix_hits = 0  # prefill_prefix calls served from the kept prefix cache
 
     # -- tables and cache ---------------------------------------------------------------------------------
 
@@ -699,10 +704,16 @@ class FastStepper:
         if not bool(am[:, -1].all()):
             raise UsageError("suffixes must be LEFT-padded: the last position of every row must be a token")
         self.reset()
-        ones = torch.ones(1, P, dtype=torch.bool)
-        self._kp, self._vp = self._zeros(1, P), self._zeros(1, P)
-        self._forward(torch.tensor([prefix_ids]), torch.arange(P)[None], self._prefill_attend(self._kp, self._vp,
-                                                                                            prefill_bias(ones)))
+        key = tuple(int(t) for t in prefix_ids)
+        if self._store is not None and self._store[0] == key:  # cached by an earlier batch: no prefill
+            self._kp, self._vp = self._store[1], self._store[2]
+            self.prefix_hits += 1
+        else:
+            ones = torch.ones(1, P, dtype=torch.bool)
+            self._kp, self._vp = self._zeros(1, P), self._zeros(1, P)
+            self._forward(torch.tensor([prefix_ids]), torch.arange(P)[None],
+                          self._prefill_attend(self._kp, self._vp, prefill_bias(ones)))
+            self._store = (key, self._kp, self._vp)  # read-only from here on (steps write only _k/_v)
         self._bias_p = torch.zeros(1, P)
         self._prefix = list(prefix_ids)
         pos = P + (am.long().cumsum(-1) - 1).clamp_min(0)  # (B, T): suffix tokens continue the prefix
@@ -719,6 +730,11 @@ class FastStepper:
     def prefix(self) -> list[int]:
         """The shared prefix of the running batch ([] when there is none)."""
         return self._prefix
+
+    @property
+    def stored_prefix(self) -> list[int]:
+        """The prefix whose cache is kept for later batches (``prefill_prefix`` with it skips its prefill)."""
+        return list(self._store[0]) if self._store is not None else []
 
     def can_regroup(self) -> bool:
         """True when rows can be dropped and added mid-decode (a running batch without a shared prompt cache)."""

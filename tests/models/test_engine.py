@@ -227,6 +227,28 @@ def test_engine_shares_a_prefix_and_rows_join_it(tiny_model, smol_tokenizer):
     assert other.results()[0][0].token_ids == pol.generate("Something else entirely", greedy(5))[0].token_ids
 
 
+def test_the_shared_prefix_is_cached_across_calls(tiny_model, smol_tokenizer):
+    """One call after another (an agent's questions, a ReAct episode's steps): from the second call on the
+    prompts' common part is prefilled once and kept; later calls skip its prefill and return what a fresh
+    policy returns for each prompt alone."""
+    from ragloop.models.local import LocalPolicy
+
+    prompts = [SHARED + s for s in SUFFIXES]
+    want = []
+    for p in prompts:  # each prompt on a policy of its own: no cache to reuse
+        fresh = LocalPolicy.from_model(tiny_model, smol_tokenizer, name="tiny", backend="fast")
+        want.append(fresh.generate(p, greedy(8))[0].token_ids)
+    pol = LocalPolicy.from_model(tiny_model, smol_tokenizer, name="tiny", backend="fast")
+    got = [pol.generate(p, greedy(8))[0].token_ids for p in prompts]
+    st = pol.stepper()
+    assert got == want
+    assert len(st.stored_prefix) >= 32 and st.prefix_hits == len(prompts) - 2  # stored at call 2, hit after
+    # a prompt that does not start with the kept prefix decodes as usual (and replaces it when it shares one)
+    other = "Something else entirely, with a different start"
+    assert pol.generate(other, greedy(5))[0].token_ids == LocalPolicy.from_model(
+        tiny_model, smol_tokenizer, name="tiny", backend="fast").generate(other, greedy(5))[0].token_ids
+
+
 def test_repetition_penalty_counts_the_shared_prefix(tiny_model, smol_tokenizer):
     from ragloop.models.local import LocalPolicy
 
