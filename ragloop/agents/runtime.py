@@ -43,6 +43,11 @@ from ragloop.models.types import Generation, GenerationConfig, Prompt
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32  # episodes in flight at once (see default_batch_size)
+# ReAct episodes one at a time unless asked: every call re-prefills its whole 1-3k-token prompt (observations
+# included), so a batch amortises only the decode steps while padding prefills to the longest row; measured
+# 0.69x-0.76x of one at a time on SciFact claims (benchmarks/RESULTS.md, "Agent runtime"). Per-episode KV reuse
+# is the lever that would change this.
+REACT_DEFAULT_BATCH_SIZE = 1
 
 
 @dataclass(frozen=True)
@@ -208,9 +213,10 @@ def _stream_call(policy: Any, call: ModelCall, on_token: Callable[[str, int], No
 # Many episodes
 
 
-def default_batch_size() -> int:
+def default_batch_size(agent: str | None = None) -> int:
     """Episodes in flight: ``RAGLOOP_BATCH_SIZE`` or 32 (the decode batch where a 2-core CPU's throughput
-    stops growing for the embedded model; memory: ~70 MB of KV cache per 1.5k-token row)."""
+    stops growing for the embedded model; memory: ~70 MB of KV cache per 1.5k-token row) — for ``agent=
+    "react"`` 1 (``REACT_DEFAULT_BATCH_SIZE``)."""
     env = os.environ.get("RAGLOOP_BATCH_SIZE")
     if env:
         try:
@@ -219,7 +225,7 @@ def default_batch_size() -> int:
             from ragloop.core.errors import UsageError
 
             raise UsageError(f"RAGLOOP_BATCH_SIZE must be a positive integer, got {env!r}") from None
-    return DEFAULT_BATCH_SIZE
+    return REACT_DEFAULT_BATCH_SIZE if agent == "react" else DEFAULT_BATCH_SIZE
 
 
 def run_episodes(

@@ -358,7 +358,7 @@ def eval_gsm8k_cmd(
     as_json: bool = typer.Option(False, "--json", help="Last line: one JSON object of the figures."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, envvar="RAGLOOP_BATCH_SIZE",
                                           help="Questions run together, their model calls decoded as one batch "
-                                               "(default 32; 1 = one at a time)."),
+                                               "(default 32, ReAct 1: measured slower batched, see benchmarks/RESULTS.md; 1 = one at a time)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-question progress on stderr."),
     samples: int = typer.Option(1, "--samples", min=1, help=EVAL_SAMPLES_HELP),
     select: str = typer.Option("majority", "--select", help=SELECT_HELP),
@@ -415,7 +415,7 @@ def eval_claims_cmd(
     as_json: bool = typer.Option(False, "--json", help="Last line: one JSON object of the figures."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, envvar="RAGLOOP_BATCH_SIZE",
                                           help="Questions run together, their model calls decoded as one batch "
-                                               "(default 32; 1 = one at a time)."),
+                                               "(default 32, ReAct 1: measured slower batched, see benchmarks/RESULTS.md; 1 = one at a time)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-claim progress on stderr."),
     samples: int = typer.Option(1, "--samples", min=1, help=EVAL_SAMPLES_HELP),
     select: str = typer.Option("majority", "--select", help=SELECT_HELP),

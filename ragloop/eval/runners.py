@@ -384,10 +384,10 @@ def run_benchmark(
         selection["temperature"] = temp
     else:
         traces, seconds = run_examples(make_agent, examples, task=cfg.task, out=cfg.out, progress=progress,
-                                       batch_size=cfg.batch_size)
+                                       batch_size=cfg.batch_size or default_batch_size(cfg.agent))
     end = cfg.offset + len(examples)
     settings = {**effective_settings(agent), **cfg.extra_settings}
-    settings["batch_size"] = cfg.batch_size or default_batch_size()
+    settings["batch_size"] = cfg.batch_size or default_batch_size(cfg.agent if cfg.samples == 1 else None)
     if getattr(policy, "precision", None):  # the decode weights (fp32 unless a reduced precision was asked for)
         settings["precision"] = policy.precision
     report = summarize(traces, task=cfg.task, agent=cfg.agent, model=getattr(policy, "name", "?"),
