@@ -39,7 +39,6 @@ Entry point: ``run_grpo(cfg, policy, items, make_agent, reward_fn, val_items=...
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -55,7 +54,7 @@ from ragloop.alignment.budget import make_clock
 from ragloop.alignment.checkpoint import export_policy, load_checkpoint, run_manifest, save_checkpoint
 from ragloop.alignment.guards import check_first_ratio
 from ragloop.alignment.logging import MetricsLogger
-from ragloop.alignment.ppo import build_episode_batch, forward_episodes, sync_merged_weights, wrap_lora
+from ragloop.alignment.ppo import build_episode_batch, forward_episodes, policy_models, sync_merged_weights
 from ragloop.alignment.rl import (
     group_advantages,
     kl_per_token,
@@ -315,8 +314,6 @@ def run_grpo(
     """
     from ragloop.alignment.collect import run_agent_batched
     from ragloop.eval.runners import is_correct
-    from ragloop.models.local import LocalPolicy
-
     if not items:
         raise DataError("no GRPO questions", hint="give a JSONL file with one {'question', 'answer'} per line")
     hooks = hooks or {}
@@ -324,24 +321,8 @@ def run_grpo(
     out.mkdir(parents=True, exist_ok=True)
     tok = policy.tokenizer
     pad_id = int(getattr(policy, "pad_id", None) or tok.pad_token_id or tok.eos_token_id)
-    base = policy.model
-    base.eval()
-    if cfg.lora:
-        rollout_model = copy.deepcopy(base)  # plain W + ΔW for the decode engine
-        model = wrap_lora(base, cfg)
-        ref_model = None  # = model with adapters disabled
-    else:
-        model = base
-        for p in model.parameters():
-            p.requires_grad_(True)
-        # a reduced-precision rollout reads its own quantised copy of the weights, rebuilt when they change
-        rollout_model = model
-        ref_model = copy.deepcopy(base)
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
-    rollout_policy = LocalPolicy.from_model(rollout_model, tok, name=policy.name,
-                                            backend=getattr(policy, "backend", "auto"),
-                                            precision=cfg.rollout_precision)
+    model, rollout_model, ref_model, rollout_policy = policy_models(policy, cfg,
+                                                                    rollout_precision=cfg.rollout_precision)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(trainable.values()), lr=cfg.lr, eps=1e-5)
     health = GRPOHealth(patience=cfg.patience, max_kl=cfg.max_kl, min_len_ratio=cfg.min_len_ratio,

@@ -237,6 +237,38 @@ def wrap_lora(model: Any, cfg: PPOConfig) -> Any:
                                                 lora_dropout=0.0, target_modules="all-linear", bias="none"))
 
 
+def policy_models(policy: Any, cfg: Any, *, rollout_precision: str | None = None) -> tuple[Any, Any, Any, Any]:
+    """The models an on-policy run (PPO, GRPO) needs from ``policy``: ``(model, rollout_model, ref_model,
+    rollout_policy)``.
+
+    ``model`` is trained: the policy's own model, or it wrapped with LoRA adapters (``cfg.lora``). The
+    rollouts decode on ``rollout_policy`` over ``rollout_model``: the trained model itself, or with LoRA a
+    plain copy holding W + ΔW (``sync_merged_weights``) for the fast decode path. ``ref_model`` is a frozen
+    copy of the start (None with LoRA: the model with its adapters disabled). ``rollout_precision``: the
+    rollouts' decode precision (a reduced one reads its own quantised copy, rebuilt when the weights change).
+    """
+    from ragloop.models.local import LocalPolicy
+
+    base = policy.model
+    base.eval()
+    if cfg.lora:
+        rollout_model = copy.deepcopy(base)
+        model = wrap_lora(base, cfg)
+        ref_model = None
+    else:
+        model = base
+        for p in model.parameters():
+            p.requires_grad_(True)
+        rollout_model = model
+        ref_model = copy.deepcopy(base)
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    extra = {} if rollout_precision is None else {"precision": rollout_precision}
+    rollout_policy = LocalPolicy.from_model(rollout_model, policy.tokenizer, name=policy.name,
+                                            backend=getattr(policy, "backend", "auto"), **extra)
+    return model, rollout_model, ref_model, rollout_policy
+
+
 @torch.no_grad()
 def sync_merged_weights(peft_model: Any, plain: Any) -> None:
     """Copy W + ΔW_LoRA of ``peft_model`` into the plain model ``plain`` (the rollout copy that the fast
@@ -297,8 +329,6 @@ def run_ppo(
     ``hooks`` (tests): ``"scores"(iteration, scores) -> scores`` to inject faults. After the run
     ``policy.model`` is the trained plain model (LoRA merged).
     """
-    from ragloop.models.local import LocalPolicy
-
     if not items:
         raise DataError("no PPO prompts", hint="give a prompts file with one prompt per line")
     hooks = hooks or {}
@@ -307,21 +337,7 @@ def run_ppo(
     tok = policy.tokenizer
     pad_id = int(getattr(policy, "pad_id", None) or tok.pad_token_id or tok.eos_token_id)
     base = policy.model
-    base.eval()
-    if cfg.lora:
-        rollout_model = copy.deepcopy(base)  # a plain copy holding W + ΔW for the fast decode path
-        model = wrap_lora(base, cfg)
-        ref_model = None  # = model with adapters disabled
-    else:
-        model = base
-        for p in model.parameters():
-            p.requires_grad_(True)
-        rollout_model = model
-        ref_model = copy.deepcopy(base)
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
-    rollout_policy = LocalPolicy.from_model(rollout_model, tok, name=policy.name,
-                                            backend=getattr(policy, "backend", "auto"))
+    model, rollout_model, ref_model, rollout_policy = policy_models(policy, cfg)
     value_head = ValueHead(base.config.hidden_size)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([{"params": list(trainable.values()), "lr": cfg.lr},
