@@ -75,7 +75,7 @@ from ragloop.alignment.data import (
     trace_response_text,
     traces_to_sft_rows,
 )
-from ragloop.alignment.improve_budget import KL_PROBE_FACTOR, BudgetPlan, StageClock, plan_budget
+from ragloop.alignment.improve_budget import KL_PROBE_FACTOR, KL_PROBE_TRACES, BudgetPlan, StageClock, plan_budget
 from ragloop.core.errors import ConfigError, DataError, TrainingError, UsageError
 from ragloop.core.trace import Feedback, Message, Trace, write_traces
 from ragloop.models.types import GenerationConfig
@@ -273,7 +273,7 @@ def teacher_traces(rows: Sequence[dict[str, Any]], prompts: Sequence[Any], *, po
     return out, report
 
 
-def kl_to_reference(policy: Any, ref_model: Any, traces: Sequence[Trace], *, max_traces: int = 64) -> float:
+def kl_to_reference(policy: Any, ref_model: Any, traces: Sequence[Trace], *, max_traces: int = KL_PROBE_TRACES) -> float:
     """Mean per-token KL(π ‖ π_start) of the full next-token distributions along the policy's own eval
     completions (nats/token)."""
     import torch
@@ -474,7 +474,8 @@ class _Loop:
         assert self.plan is not None
         greedy = tests * len(self.eval_rows) + vals * len(self.val_rows)
         sampled = self.plan.verifier_episodes + (len(self.rm_idx) * self.cfg.collect_samples if rm_collect else 0)
-        kl = kls * (self.kl_s if self.kl_s is not None else KL_PROBE_FACTOR * len(self.eval_rows) * self.plan.row_s)
+        kl = kls * (self.kl_s if self.kl_s is not None else
+                    KL_PROBE_FACTOR * min(len(self.eval_rows), KL_PROBE_TRACES) * self.plan.row_s)
         return greedy * self.plan.row_s + sampled * self.plan.sample_row_s + kl + self.cfg.reserve_seconds + train
 
     def allot(self, planned: float, **after: Any) -> float:

@@ -28,9 +28,12 @@ from ragloop.core.errors import UsageError
 
 # stages whose minutes count as training (an optimiser runs; GRPO's rollouts and keep-best validations belong to it)
 TRAINING_STAGES = ("sft", "sft_branch", "sft_continue", "rm", "grpo", "ppo")
-# a KL-to-start + forgetting probe: two full-vocabulary forward passes per test completion, about 2 greedy
-# episodes per question (measured on the embedded 135M model: 1.25 CPU-min for 20 questions at 2.1 s/episode)
+# a KL-to-start + forgetting probe: two full-vocabulary forward passes per test completion (at most
+# KL_PROBE_TRACES of them), about 2 greedy episodes per completion. Measured on the embedded 135M model, 2 threads,
+# AVX-512: 64 completions 75 s + the 16-row forgetting set 10 s at 1.04 s per batched greedy episode (2026-12-03);
+# before the cap the probe covered up to 64 completions and the estimate grew with --eval-n (15.5 of 60 minutes).
 KL_PROBE_FACTOR = 2.0
+KL_PROBE_TRACES = 32
 
 
 @dataclass
@@ -104,7 +107,7 @@ def plan_budget(
         "collection": (collect_episodes + (rm_collect_episodes if rm_on else 0)) * sample_s,
         "verifier": verifier_episodes * sample_s,
         # KL to the start + forgetting probe per trained arm: two forward passes over the arm's test completions
-        "kl_forgetting": (3 if ablate else 1) * KL_PROBE_FACTOR * eval_n * row_s,
+        "kl_forgetting": (3 if ablate else 1) * KL_PROBE_FACTOR * min(eval_n, KL_PROBE_TRACES) * row_s,
         "reserve": reserve_s,
     }
     fixed = sum(reserved.values())
@@ -132,8 +135,7 @@ def plan_budget(
         need_b = max(fixed / (1 - min_train_share), fixed + min_sft_s / sft_frac)
         per_q = n_test * row_s  # reserved seconds per --eval-n question
         per_q += verifier_episodes / max(1, eval_n) * sample_s
-        per_q += (3 if ablate else 1) * KL_PROBE_FACTOR * row_s
-        other = fixed - reserved["evaluations"] - reserved["verifier"] - reserved["kl_forgetting"]
+        other = fixed - reserved["evaluations"] - reserved["verifier"]  # the KL probe is capped: fixed cost
         n_max = math.floor(min((1 - min_train_share) * budget_s - other, budget_s - other - min_sft_s / sft_frac) / per_q)
         what = (f"SFT would get {plan.sft_s / 60:.1f} min (at least {min_sft_s / 60:.1f} needed)" if short_sft else
                 f"training would get {100 * plan.train_share:.0f}% of the budget (at least "

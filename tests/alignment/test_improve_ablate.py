@@ -24,11 +24,11 @@ PLAN = dict(clock="cpu", val_n=50, collect_episodes=64, rm_collect_episodes=64, 
 def test_ablation_split_gives_every_arm_the_same_minutes():
     p = plan_budget(budget_s=3600, row_s=0.4, eval_n=150, rl="ppo", ablate=True, verifier_episodes=1200, **PLAN)
     # reserved: 4 evaluations x 150 + 4 validations x 50 + 128 collected + 1200 verifier episodes at 0.4 s,
-    # 3 KL probes at 2 x 150 x 0.4 s, and the 60 s reserve
+    # 3 KL probes at 2 x 32 (the probe's cap) x 0.4 s, and the 60 s reserve
     assert p.reserved["evaluations"] == pytest.approx(240) and p.reserved["validation"] == pytest.approx(80)
     assert p.reserved["collection"] == pytest.approx(51.2) and p.reserved["verifier"] == pytest.approx(480)
-    assert p.reserved["kl_forgetting"] == pytest.approx(360)
-    assert p.train_s == pytest.approx(3600 - 240 - 80 - 51.2 - 480 - 360 - 60)
+    assert p.reserved["kl_forgetting"] == pytest.approx(3 * 2 * 32 * 0.4)
+    assert p.train_s == pytest.approx(3600 - 240 - 80 - 51.2 - 480 - 76.8 - 60)
     s = 0.78
     assert p.arm_s == pytest.approx(p.train_s / (3 - 2 * s))
     assert p.sft_s == pytest.approx(s * p.arm_s)
